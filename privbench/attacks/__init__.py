@@ -1,0 +1,1 @@
+"""Attacks: each declares the surface it needs and a metric family that scores it."""

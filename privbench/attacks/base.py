@@ -1,0 +1,51 @@
+"""The attack contract: ``run(observation, budget) -> AttackOutput``."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+
+from privbench.threat import Observation, Surface
+
+if TYPE_CHECKING:
+    import torch
+
+    from privbench.config import Budget
+
+Family = Literal["reconstruction", "class_inversion", "membership"]
+Progress = Callable[[int, int], None]  # (done, total) in the attack's own units
+
+
+class AttackError(RuntimeError):
+    """The attack cannot run on what it was given (wrong surface, missing field)."""
+
+
+@dataclass
+class AttackOutput:
+    """What an attack produces.
+
+    reconstruction: ``images`` float [B, C, H, W] in [0, 1] and ``labels`` int64 [B].
+    ``grad_evals``: gradient evaluations of the target model spent.
+    ``info``: attacker-side diagnostics (e.g. the final gradient distance of each restart).
+    """
+
+    images: "torch.Tensor | None" = None
+    labels: "torch.Tensor | None" = None
+    grad_evals: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Attack(ABC):
+    Params: ClassVar[type]
+    description: ClassVar[str] = ""
+    surface: ClassVar[Surface]
+    family: ClassVar[Family]
+
+    def __init__(self, params: Any, seed: int):
+        self.params = params
+        self.seed = seed
+
+    @abstractmethod
+    def run(self, observation: Observation, budget: "Budget", progress: Progress | None = None) -> AttackOutput:
+        """Attack what ``observation`` holds, within ``budget``."""

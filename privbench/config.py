@@ -1,0 +1,265 @@
+"""Run configuration: a frozen ``RunConfig``, typed component parameters, stable hashes.
+
+A config exists in two states. As *requested* (from the CLI or a suite file),
+component parameters are whatever the user wrote, usually strings. *Resolved*
+(:func:`resolve`), every parameter is coerced to the type its component's
+``Params`` dataclass declares and every default is filled in; the resolved
+config is what is stored with a run and what its ``config_hash`` covers.
+Resolving imports the named components (and so torch); the requested form can be
+hashed without importing anything heavy, which keeps a cached ``bench run`` fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from privbench import __version__
+from privbench.datasets.splits import SplitSpec
+
+GradientRound = Literal["init", "trained"]
+
+
+class ConfigError(ValueError):
+    """A malformed configuration; the message names the field and the fix."""
+
+
+Params = tuple[tuple[str, Any], ...]
+
+
+def freeze_params(params: Mapping[str, Any] | Params | None) -> Params:
+    if params is None:
+        return ()
+    items = params.items() if isinstance(params, Mapping) else params
+    return tuple(sorted((str(k), v) for k, v in items))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the attacker may spend. ``max_grad_evals``: cap on gradient evaluations (None: the attack's own schedule)."""
+
+    max_grad_evals: int | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one run's result.
+
+    ``gradient_round`` is the point at which a GRADIENTS observation is taken:
+    ``init`` (the seed's initialization, as in the DLG paper) or ``trained``
+    (after the defense's training). ``victim_batch`` is how many member images
+    the victim client's update is computed on.
+    """
+
+    defense: str = "none"
+    attack: str = "dlg"
+    dataset: str = "synthetic-mri"
+    model: str = "lenet"
+    image_size: int = 32
+    channels: int = 1
+    seed: int = 0
+    defense_params: Params = ()
+    attack_params: Params = ()
+    model_params: Params = ()
+    split: SplitSpec = field(default_factory=SplitSpec)
+    gradient_round: GradientRound = "init"
+    victim_batch: int = 1
+    budget: Budget = field(default_factory=Budget)
+
+    def __post_init__(self) -> None:
+        for name in ("defense_params", "attack_params", "model_params"):
+            object.__setattr__(self, name, freeze_params(getattr(self, name)))
+        if self.gradient_round not in ("init", "trained"):
+            raise ConfigError(f"gradient_round must be 'init' or 'trained', got {self.gradient_round!r}")
+        for name, low in (("image_size", 4), ("channels", 1), ("victim_batch", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in ("defense_params", "attack_params", "model_params"):
+            out[name] = dict(getattr(self, name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        if "split" in data and isinstance(data["split"], Mapping):
+            data["split"] = _build(SplitSpec, data["split"], "split")
+        if "budget" in data and isinstance(data["budget"], Mapping):
+            data["budget"] = _build(Budget, data["budget"], "budget")
+        return cls(**data)
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of this config (stable across processes and dict order)."""
+        return _digest(self.to_dict())
+
+    def cache_key(self, data_fingerprint: str) -> str:
+        """Key under which a result is reused: config + data identity + privbench version."""
+        return _digest({"config": self.to_dict(), "data": data_fingerprint, "privbench": __version__})
+
+    def derived_seeds(self) -> dict[str, int]:
+        """Independent seeds for each random choice of the run, all derived from ``seed``."""
+        return {p: derive_seed(self.seed, p) for p in ("split", "init", "train", "victim", "attack")}
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # JSON has no inf/nan; keep them distinguishable
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# -- typed component parameters ------------------------------------------------
+
+
+def parse_assignments(items: list[str] | None, what: str) -> dict[str, str]:
+    """``["steps=300", "lr=0.1"]`` -> ``{"steps": "300", "lr": "0.1"}``."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what}: expected key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def coerce_params(params_cls: type, given: Mapping[str, Any], component: str) -> dict[str, Any]:
+    """Validate ``given`` against the dataclass ``params_cls``; return every field, typed.
+
+    Raises ConfigError naming the parameter and its expected type.
+    """
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    hints = typing.get_type_hints(params_cls)
+    values: dict[str, Any] = {}
+    for key, raw in given.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(
+                f"{component} has no parameter {key!r}.{hint} Its parameters: {', '.join(fields) or '(none)'}."
+            )
+        try:
+            values[key] = _coerce(raw, hints[key])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"{component} parameter {key!r} expects {_type_name(hints[key])}, got {raw!r} ({exc})"
+            ) from None
+    try:
+        instance = params_cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{component} parameters invalid: {exc}") from None
+    return dataclasses.asdict(instance)
+
+
+def _build(cls: type, data: Mapping[str, Any], what: str) -> Any:
+    return cls(**coerce_params(cls, data, what))
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "none"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _coerce(raw: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for choice in choices:
+            if raw == choice or (isinstance(raw, str) and str(choice) == raw):
+                return choice
+        raise ValueError(f"not one of {list(choices)}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", ""))):
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(raw, arg)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ValueError("; ".join(errors))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        parts = raw if isinstance(raw, (list, tuple)) else [p for p in str(raw).split(",") if p.strip()]
+        inner = args[0] if args else str
+        return tuple(_coerce(p.strip() if isinstance(p, str) else p, inner) for p in parts)
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise ValueError("not a boolean (true/false)")
+    if tp is int:
+        if isinstance(raw, bool):
+            raise ValueError("not an integer")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        return int(str(raw))
+    if tp is float:
+        if isinstance(raw, bool):
+            raise ValueError("not a number")
+        return float(raw)
+    if tp is str:
+        if not isinstance(raw, str):
+            raise ValueError("not a string")
+        return raw
+    raise TypeError(f"unsupported parameter type {tp}")
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """Type-check and complete the component parameters of ``config`` (imports the components)."""
+    from privbench import registry
+
+    defense_cls = registry.defenses.get(config.defense)
+    attack_cls = registry.attacks.get(config.attack)
+    model_cls = registry.models.get(config.model)
+    return dataclasses.replace(
+        config,
+        defense_params=coerce_params(defense_cls.Params, dict(config.defense_params), f"defense {config.defense!r}"),
+        attack_params=coerce_params(attack_cls.Params, dict(config.attack_params), f"attack {config.attack!r}"),
+        model_params=coerce_params(model_cls.Params, dict(config.model_params), f"model {config.model!r}"),
+    )

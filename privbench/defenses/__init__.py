@@ -1,0 +1,1 @@
+"""Defenses: transformations of the training pipeline and of what it lets out."""

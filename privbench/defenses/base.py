@@ -1,0 +1,102 @@
+"""The defense contract: ``fit`` builds the released target, ``observe`` answers an attacker's surface."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from privbench.threat import GradientUpdate, Observation, Surface, Victim
+
+if TYPE_CHECKING:
+    from privbench.config import RunConfig
+    from privbench.datasets import ImageDataset
+
+
+@dataclass
+class Target:
+    """A model trained under a defense.
+
+    ``model`` is the released model (eval mode); ``initial_state`` its weights
+    at the seed's initialization (the ``round=init`` point); ``training`` the
+    training record; ``utility`` accuracy on nonmembers; ``costs`` what the
+    defense cost (``train_time_s``, and defense-specific entries).
+    """
+
+    model: nn.Module
+    initial_state: dict[str, torch.Tensor]
+    training: dict[str, Any] = field(default_factory=dict)
+    utility: dict[str, float] = field(default_factory=dict)
+    costs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FitContext:
+    """What a defense may use besides the members: a model factory, held-out data for utility, seeds."""
+
+    config: "RunConfig"
+    build_model: Callable[[], nn.Module]  # a fresh model at the seed's initialization
+    nonmembers: "ImageDataset"
+    seeds: dict[str, int]
+    progress: Callable[[str, int, int], None] | None = None
+
+
+class Defense(ABC):
+    """Base class of every defense. Subclasses set the class attributes and a ``Params`` dataclass."""
+
+    Params: ClassVar[type]
+    description: ClassVar[str] = ""
+    protects: ClassVar[frozenset[Surface]] = frozenset()
+    differentiable: ClassVar[bool] = True  # can an attacker backpropagate through what it exposes?
+    stochastic: ClassVar[bool] = False  # does the exposed quantity involve fresh randomness?
+
+    def __init__(self, params: Any):
+        self.params = params
+
+    @abstractmethod
+    def fit(self, model: nn.Module, members: "ImageDataset", ctx: FitContext) -> Target:
+        """Train ``model`` (fresh, at the seed's initialization) on ``members`` under the defense."""
+
+    @abstractmethod
+    def observe(self, surface: Surface, target: Target, victim: Victim, ctx: FitContext) -> Observation:
+        """What an attacker on ``surface`` sees when ``victim`` is the client's data."""
+
+
+def model_at_round(target: Target, build_model: Callable[[], nn.Module], round_: str) -> nn.Module:
+    """A copy of the global model at ``round_`` (``init`` or ``trained``), in train mode."""
+    model = build_model()
+    state = target.initial_state if round_ == "init" else target.model.state_dict()
+    model.load_state_dict(state)
+    return model.train()
+
+
+def client_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The plain client update: d(mean cross-entropy)/d(param) in train mode, per parameter.
+
+    ``images`` float [B, C, H, W] in [0, 1], ``labels`` int64 [B]. This is the
+    single definition of the GRADIENTS quantity that defenses then transform.
+    BatchNorm running statistics are left untouched (the model is a copy).
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = F.cross_entropy(model(images), labels)
+    return tuple(g.detach() for g in torch.autograd.grad(loss, params))
+
+
+def gradient_observation(
+    model: nn.Module, gradients: tuple[torch.Tensor, ...], victim: Victim, ctx: FitContext, **notes: Any
+) -> Observation:
+    cfg = ctx.config
+    update = GradientUpdate(
+        model=model,
+        gradients=gradients,
+        batch_size=len(victim.labels),
+        input_shape=tuple(victim.images.shape[1:]),
+        num_classes=ctx.nonmembers.num_classes,
+        round=cfg.gradient_round,
+    )
+    return Observation(surface=Surface.GRADIENTS, gradient_update=update, notes=dict(notes))

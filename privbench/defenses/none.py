@@ -1,0 +1,55 @@
+"""No defense: the baseline every other defense is compared with."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+from privbench import registry
+from privbench.defenses.base import (
+    Defense,
+    FitContext,
+    Target,
+    client_gradients,
+    gradient_observation,
+    model_at_round,
+)
+from privbench.threat import Observation, Surface, Victim
+from privbench.training import TrainParams, accuracy, train_classifier
+
+
+@dataclass(frozen=True)
+class NoDefenseParams(TrainParams):
+    pass
+
+
+@registry.defenses.register("none")
+class NoDefense(Defense):
+    """No protection: plain training; every surface passes through unchanged."""
+
+    Params = NoDefenseParams
+    description = "No protection: plain training; every surface passes through unchanged."
+    protects = frozenset()
+
+    def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:
+        initial_state = copy.deepcopy(model.state_dict())
+        progress = (lambda done, total: ctx.progress("train", done, total)) if ctx.progress else None
+        record = train_classifier(model, members, self.params, ctx.seeds["train"], progress)
+        return Target(
+            model=model.eval(),
+            initial_state=initial_state,
+            training=record,
+            utility={"accuracy": accuracy(model, ctx.nonmembers)},
+            costs={"train_time_s": record["train_time_s"]},
+        )
+
+    def observe(self, surface: Surface, target: Target, victim: Victim, ctx: FitContext) -> Observation:
+        if surface is Surface.GRADIENTS:
+            model = model_at_round(target, ctx.build_model, ctx.config.gradient_round)
+            return gradient_observation(model, client_gradients(model, victim.images, victim.labels), victim, ctx)
+        if surface is Surface.MODEL_WHITEBOX:
+            return Observation(surface=surface, model=copy.deepcopy(target.model))
+        released = copy.deepcopy(target.model).eval()
+        return Observation(surface=surface, query=lambda x: released(x).detach())

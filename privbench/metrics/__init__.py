@@ -1,0 +1,1 @@
+"""Metrics by family: paired reconstruction (image.py), later perceptual, membership and cost."""

@@ -1,0 +1,84 @@
+"""Versions, git commit and thread settings recorded with every run."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from privbench import __version__
+
+THREADS_ENV = "PRIVBENCH_THREADS"
+
+
+def default_threads() -> int:
+    """Intra-op threads: ``$PRIVBENCH_THREADS`` if set, else 1.
+
+    The models here are small: one thread is as fast as two for a batch-of-one
+    gradient evaluation, and leaves a core free for a second run; more threads
+    than cores (oversubscription) slowed evaluations many-fold in our trials.
+    """
+    raw = os.environ.get(THREADS_ENV)
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV}={raw!r} is not an integer number of threads") from None
+        if value < 1:
+            raise ValueError(f"{THREADS_ENV} must be >= 1, got {value}")
+        return value
+    return 1
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op (and inter-op, once) thread counts; returns the intra-op count."""
+    import torch
+
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # can only be set once per process, before parallel work
+        pass
+    return n
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> dict[str, str | bool] | None:
+    """The commit of the privbench checkout, if it is one (and whether it has uncommitted changes)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head, "dirty": bool(dirty)}
+
+
+def versions(plugins: dict[str, str] | None = None) -> dict[str, str]:
+    import numpy
+    import torch
+
+    out = {
+        "privbench": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
+    for dist in ("pillow",):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    out.update(plugins or {})
+    return out

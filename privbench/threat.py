@@ -1,0 +1,68 @@
+"""Threat model: the surfaces an attacker can be given and what an observation holds.
+
+An ``Observation`` carries only what the attacker may see under its surface.
+The victim's true images and labels never enter it: the runner keeps them and
+uses them for scoring alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from privbench.datasets import ImageDataset
+
+
+class Surface(str, enum.Enum):
+    GRADIENTS = "gradients"  # the update a client shares for the victim batch
+    MODEL_WHITEBOX = "model_whitebox"  # the released model's weights and architecture
+    MODEL_QUERIES = "model_queries"  # a query function returning the released model's outputs
+
+
+@dataclass(frozen=True)
+class GradientUpdate:
+    """The update one client shares for the victim batch, as the defense lets it out.
+
+    ``model`` is the global model at ``round`` (the server knows it: it sent it),
+    in train mode. ``gradients`` are, per parameter of ``model`` in
+    ``model.parameters()`` order, d(mean cross-entropy over the batch)/d(param)
+    after whatever the defense does to them. ``batch_size`` is the number of
+    images behind the update (public in FL: the client reports it).
+    """
+
+    model: "nn.Module"
+    gradients: tuple["torch.Tensor", ...]
+    batch_size: int
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    round: Literal["init", "trained"]
+    loss: str = "cross_entropy(reduction=mean)"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the attacker sees. Fields outside the surface are None."""
+
+    surface: Surface
+    gradient_update: GradientUpdate | None = None
+    model: "nn.Module | None" = None
+    query: "Callable[[torch.Tensor], torch.Tensor] | None" = None
+    auxiliary: "ImageDataset | None" = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Victim:
+    """The ground truth behind an observation: held by the runner, never given to the attack.
+
+    ``images`` float32 [B, C, H, W] in [0, 1]; ``labels`` int64 [B]; ``ids`` dataset ids.
+    """
+
+    images: "torch.Tensor"
+    labels: "torch.Tensor"
+    ids: tuple[str, ...]

@@ -1,0 +1,88 @@
+"""Plain supervised training and evaluation of a target classifier."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from privbench.datasets import ImageDataset
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Minibatch training of the target: ``epochs`` passes over the members, shuffled by seed."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+
+
+def make_optimizer(params: TrainParams, model: nn.Module) -> torch.optim.Optimizer:
+    if params.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
+    )
+
+
+def train_classifier(
+    model: nn.Module,
+    data: "ImageDataset",
+    params: TrainParams,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Train ``model`` in place on ``data``; returns the training record (losses, time in s)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = make_optimizer(params, model)
+    n = len(data)
+    losses: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(params.epochs):
+        order = torch.randperm(n, generator=generator)
+        total, seen = 0.0, 0
+        for begin in range(0, n, params.batch_size):
+            idx = order[begin : begin + params.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(data.images[idx]), data.labels[idx])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        losses.append(total / max(seen, 1))
+        if progress:
+            progress(epoch + 1, params.epochs)
+    model.eval()
+    return {
+        "epochs": params.epochs,
+        "epoch_losses": losses,
+        "train_accuracy": accuracy(model, data),
+        "train_time_s": time.perf_counter() - start,
+    }
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: "ImageDataset", batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) on ``data``, in [0, 1]."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for begin in range(0, len(data), batch_size):
+        logits = model(data.images[begin : begin + batch_size])
+        correct += int((logits.argmax(1) == data.labels[begin : begin + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(len(data), 1)

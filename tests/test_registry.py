@@ -1,0 +1,89 @@
+import importlib.metadata as md
+
+import pytest
+
+from privbench import registry
+from privbench.registry import DuplicateNameError, PluginLoadError, Registry, UnknownNameError
+
+
+def test_builtins_are_listed_without_importing_them():
+    assert {"none"} <= set(registry.defenses.names())
+    assert {"dlg", "idlg", "invgrad"} <= set(registry.attacks.names())
+    assert {"lenet", "convnet", "resnet"} <= set(registry.models.names())
+
+
+def test_registering_a_name_twice_raises():
+    reg = Registry("things", {})
+
+    @reg.register("a")
+    class A:
+        pass
+
+    with pytest.raises(DuplicateNameError, match="'a' is registered twice"):
+
+        @reg.register("a")
+        class B:
+            pass
+
+
+def test_unknown_name_suggests_close_matches_and_lists_available():
+    with pytest.raises(UnknownNameError) as info:
+        registry.attacks.get("idgl")
+    message = str(info.value)
+    assert "did you mean 'idlg'" in message.lower()
+    assert "dlg" in message and "invgrad" in message
+
+
+def test_unknown_name_without_close_match_still_lists_names():
+    with pytest.raises(UnknownNameError, match="Available: .*none"):
+        registry.defenses.get("zzzzzz")
+
+
+class _FakeEntryPoint:
+    def __init__(self, name, value, loader):
+        self.name, self.value, self._loader, self.dist = name, value, loader, None
+
+    def load(self):
+        return self._loader()
+
+
+def _with_entry_points(monkeypatch, eps):
+    monkeypatch.setattr(md, "entry_points", lambda group: [e for e in eps if group == "privbench.defenses"])
+
+
+def test_entry_point_plugin_is_loaded_lazily_when_named(monkeypatch):
+    loaded = []
+
+    class PluginDefense:
+        """A plugin defense."""
+
+    def loader():
+        loaded.append(True)
+        return PluginDefense
+
+    _with_entry_points(monkeypatch, [_FakeEntryPoint("plug", "pkg.mod:PluginDefense", loader)])
+    reg = Registry("defenses", {})
+    assert reg.names() == ["plug"] and loaded == []
+    entry = reg.entry("plug")
+    assert entry.obj is PluginDefense and entry.origin.source == "plugin" and loaded == [True]
+
+
+def test_plugin_that_raises_on_import_gives_a_clear_error(monkeypatch):
+    def loader():
+        raise ImportError("no module named foo")
+
+    _with_entry_points(monkeypatch, [_FakeEntryPoint("broken", "pkg.mod:X", loader)])
+    with pytest.raises(PluginLoadError, match="'broken'.*failed to load.*no module named foo.*--no-plugins"):
+        Registry("defenses", {}).get("broken")
+
+
+def test_plugin_shadowing_a_builtin_name_raises(monkeypatch):
+    _with_entry_points(monkeypatch, [_FakeEntryPoint("none", "pkg.mod:X", lambda: object)])
+    with pytest.raises(DuplicateNameError, match="'none' is registered twice"):
+        Registry("defenses", {"none": "privbench.defenses.none"}).names()
+
+
+def test_no_plugins_ignores_entry_points(monkeypatch):
+    _with_entry_points(monkeypatch, [_FakeEntryPoint("plug", "pkg.mod:X", lambda: object)])
+    monkeypatch.setattr(registry, "PLUGINS_ENABLED", False)
+    assert "plug" not in Registry("defenses", {}).names()
