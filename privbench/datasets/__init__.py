@@ -18,7 +18,7 @@ CHANNELS = (1, 3)
 
 
 def parse_name(name: str) -> tuple[str, str | None]:
-    """"medmnist:pathmnist" -> ("medmnist", "pathmnist"); "synthetic-mri" -> ("synthetic-mri", None)."""
+    """Split at the first ':': "medmnist:pathmnist" -> ("medmnist", "pathmnist"), "synthetic-mri" -> (.., None)."""
     base, sep, arg = name.partition(":")
     if not base:
         raise DatasetError(
@@ -60,7 +60,11 @@ def load(
     fp = src.fingerprint(arg, root_path)
     path = cache.cache_path(
         cache_dir if cache_dir is not None else cache.default_cache_dir(),
-        base, arg, fp, image_size, channels,
+        base,
+        arg,
+        fp,
+        image_size,
+        channels,
     )
     hit = cache.read(path)
     if hit is not None:
@@ -75,14 +79,10 @@ def load(
             f"dataset source {base!r} returned images of shape {ds.image_shape}, expected {expected}. "
             f"This is a bug in the source ({type(src).__module__})."
         )
-    arrays = cache.CachedArrays(
-        ds.to_uint8(), ds.labels.numpy(), ds.ids, ds.class_names, ds.provenance
-    )
+    arrays = cache.CachedArrays(ds.to_uint8(), ds.labels.numpy(), ds.ids, ds.class_names, ds.provenance)
     cache.write(path, arrays)
     # Rebuild from the uint8 pixels so a fresh load equals a cached one bit for bit.
-    return ImageDataset.from_uint8(
-        arrays.images, arrays.labels, arrays.class_names, arrays.ids, arrays.provenance
-    )
+    return ImageDataset.from_uint8(arrays.images, arrays.labels, arrays.class_names, arrays.ids, arrays.provenance)
 
 
 def _path(root: str | Path | None) -> Path | None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -42,9 +43,7 @@ class ImageDataset:
         if self.images.ndim != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
         if int(self.labels.shape[0]) != n or len(self.ids) != n:
-            raise ValueError(
-                f"{n} images but {int(self.labels.shape[0])} labels and {len(self.ids)} ids"
-            )
+            raise ValueError(f"{n} images but {int(self.labels.shape[0])} labels and {len(self.ids)} ids")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -107,7 +106,9 @@ class DatasetSource(ABC):
 
     description: ClassVar[str] = ""
 
-    def prepare(self, arg: str | None, root: Path | None, image_size: int, allow_download: bool) -> None:
+    def prepare(  # noqa: B027 -- optional hook, deliberately not abstract
+        self, arg: str | None, root: Path | None, image_size: int, allow_download: bool
+    ) -> None:
         """Make the data available locally (download it if allowed); default: nothing to do.
 
         Raise DatasetError if it is missing and cannot be fetched.

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,9 +52,7 @@ def cache_path(
     channels: int,
 ) -> Path:
     """``<cache_dir>/<name>-<S>x<S>x<C>-<key>.npz``; key hashes every input of preprocessing."""
-    key_text = json.dumps(
-        [name, arg, fingerprint, image_size, channels, PREPROCESS_VERSION], sort_keys=True
-    )
+    key_text = json.dumps([name, arg, fingerprint, image_size, channels, PREPROCESS_VERSION], sort_keys=True)
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
     return Path(cache_dir) / f"{safe}-{image_size}x{image_size}x{channels}-{key}.npz"
@@ -86,9 +84,11 @@ def write(path: Path, arrays: CachedArrays) -> None:
     _check(arrays)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
+        # Unique name in the same folder (os.replace must not cross file systems); open(..., "xb")
+        # keeps the user's umask, unlike mkstemp's 0600.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "xb") as f:
                 np.savez(
                     f,
                     images=arrays.images,
@@ -99,7 +99,7 @@ def write(path: Path, arrays: CachedArrays) -> None:
                 )
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
     except OSError as exc:
         log.warning(
@@ -114,8 +114,7 @@ def _check(a: CachedArrays) -> None:
     n = a.images.shape[0] if a.images.ndim == 4 else -1
     if a.images.dtype != np.uint8 or n < 0 or a.labels.shape != (n,) or len(a.ids) != n:
         raise ValueError(
-            f"inconsistent arrays: images {a.images.dtype} {a.images.shape}, "
-            f"labels {a.labels.shape}, {len(a.ids)} ids"
+            f"inconsistent arrays: images {a.images.dtype} {a.images.shape}, labels {a.labels.shape}, {len(a.ids)} ids"
         )
     if n and (a.labels.min() < 0 or a.labels.max() >= len(a.class_names)):
         raise ValueError(f"labels outside [0, {len(a.class_names)})")

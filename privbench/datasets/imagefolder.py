@@ -44,7 +44,7 @@ class FolderScan:
     sizes: tuple[int, ...]
 
     def fingerprint(self) -> str:
-        return file_fingerprint(list(zip(self.files, self.sizes)))
+        return file_fingerprint(list(zip(self.files, self.sizes, strict=True)))
 
 
 @registry.datasets.register("imagefolder")
@@ -60,8 +60,7 @@ class ImageFolder(DatasetSource):
         if root is not None:
             return Path(root).expanduser().absolute()
         raise DatasetError(
-            "imagefolder: no folder given. Name the folder as 'imagefolder:<path>' "
-            "(or pass --data-root <path>)."
+            "imagefolder: no folder given. Name the folder as 'imagefolder:<path>' (or pass --data-root <path>)."
         )
 
     def location(self, arg: str | None, root: Path | None) -> str | None:
@@ -90,7 +89,7 @@ class ImageFolder(DatasetSource):
             channels=channels,
             resize=RESIZE_METHOD,
             layout=found.layout,
-            class_counts={c: int(n) for c, n in zip(found.class_names, counts)},
+            class_counts={c: int(n) for c, n in zip(found.class_names, counts, strict=True)},
         )
         return ImageDataset.from_uint8(images, np.array(found.labels), found.class_names, found.files, prov)
 
@@ -140,9 +139,7 @@ def scan(root: Path) -> FolderScan:
     class_dirs = [c for s in splits for c in _subdirs(s)] if splits else top
     for s in splits:
         if not _subdirs(s):
-            raise DatasetError(
-                f"split folder {s} has no class folders. Put images in {s}/<class>/ or remove {s}."
-            )
+            raise DatasetError(f"split folder {s} has no class folders. Put images in {s}/<class>/ or remove {s}.")
     if not class_dirs:
         raise DatasetError(
             f"dataset folder {root} has no class folders. Expected {root}/<class>/*.jpg (or .png, "
@@ -204,9 +201,7 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 
 def _subdirs(folder: Path) -> list[Path]:
     with os.scandir(folder) as it:
-        return sorted(
-            Path(e.path) for e in it if e.is_dir() and not e.name.startswith(".")
-        )
+        return sorted(Path(e.path) for e in it if e.is_dir() and not e.name.startswith("."))
 
 
 def _images(folder: Path) -> list[tuple[str, int]]:
@@ -215,7 +210,5 @@ def _images(folder: Path) -> list[tuple[str, int]]:
         return [
             (e.path, e.stat().st_size)
             for e in it
-            if not e.name.startswith(".")
-            and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
-            and e.is_file()
+            if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file()
         ]

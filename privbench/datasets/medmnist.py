@@ -220,9 +220,7 @@ def _download(flag: str, folder: Path, size: int) -> None:
         ) from exc
     info = medmnist.INFO.get(flag)
     if info is None:
-        raise DatasetError(
-            f"medmnist:{flag}: unknown flag. Known flags: {', '.join(sorted(medmnist.INFO))}."
-        )
+        raise DatasetError(f"medmnist:{flag}: unknown flag. Known flags: {', '.join(sorted(medmnist.INFO))}.")
     if "multi-label" in str(info.get("task", "")):
         raise DatasetError(f"medmnist:{flag} is multi-label; only single-label classification is supported.")
     folder.mkdir(parents=True, exist_ok=True)

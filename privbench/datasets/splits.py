@@ -123,7 +123,8 @@ def deduplicate(dataset: ImageDataset, near_rms: float) -> tuple[np.ndarray, dic
     root = np.array([_find(parent, i) for i in range(n)], dtype=np.int64)
     kept = np.flatnonzero(root == np.arange(n))
     removed = np.flatnonzero(root != np.arange(n))
-    n_exact = int(np.count_nonzero(exact[removed] == root[removed]))
+    # Exact: every copy beyond the first of a set of byte-identical images; near: the rest removed.
+    n_exact = n - int(unique.size)
     dedup = {
         "exact_duplicates_removed": n_exact,
         "near_duplicates_removed": int(removed.size) - n_exact,

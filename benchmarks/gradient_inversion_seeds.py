@@ -1,0 +1,72 @@
+"""Run one gradient-inversion pair over several seeds and summarise PSNR/SSIM/label accuracy.
+
+Example (the foundation issue's acceptance runs, on the real data):
+
+    PRIVBENCH_DATA_DIR=../shared/datasets python benchmarks/gradient_inversion_seeds.py \
+        --attack dlg --dataset brain-tumor-mri --model lenet --seeds 0-9
+
+Every run goes through ``bench run`` semantics (stored rows, cached results reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from privbench.config import RunConfig, parse_assignments
+from privbench.runner import RunOptions, run
+from privbench.store import Store
+
+
+def seed_range(text: str) -> list[int]:
+    if "-" in text:
+        low, high = text.split("-")
+        return list(range(int(low), int(high) + 1))
+    return [int(s) for s in text.split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--defense", default="none")
+    parser.add_argument("--attack", default="dlg")
+    parser.add_argument("--dataset", default="brain-tumor-mri")
+    parser.add_argument("--model", default="lenet")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--seeds", default="0-9")
+    parser.add_argument("--attack-param", action="append", default=[])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--store", default=None)
+    args = parser.parse_args()
+
+    store = Store(args.store)
+    rows = []
+    for seed in seed_range(args.seeds):
+        config = RunConfig(
+            defense=args.defense, attack=args.attack, dataset=args.dataset, model=args.model,
+            image_size=args.image_size, channels=args.channels, seed=seed,
+            attack_params=parse_assignments(args.attack_param, "--attack-param"),
+        )
+        result = run(config, store, RunOptions(threads=args.threads))
+        m = result.metrics
+        rows.append(result)
+        print(
+            f"seed {seed}: status {result.status} psnr {m.get('psnr', float('nan')):.2f} dB "
+            f"ssim {m.get('ssim', float('nan')):.4f} label_acc {m.get('label_accuracy', float('nan')):.0f} "
+            f"baseline psnr {m.get('baseline_psnr', float('nan')):.2f} evals {result.grad_evals} "
+            f"time {result.wall_time_s:.0f}s run {result.run_id}",
+            flush=True,
+        )
+    ok = [r for r in rows if r.status == "ok"]
+    if ok:
+        psnrs = [r.metrics["psnr"] for r in ok]
+        print(f"{args.defense} x {args.attack} ({args.model}, {args.dataset} {args.image_size}px): "
+              f"{len(ok)}/{len(rows)} ok; PSNR median {statistics.median(psnrs):.2f} dB, "
+              f"all: {', '.join(f'{p:.1f}' for p in psnrs)}; SSIM median "
+              f"{statistics.median(r.metrics['ssim'] for r in ok):.4f}; labels right "
+              f"{sum(r.metrics.get('label_accuracy', 0) == 1 for r in ok)}/{len(ok)}; baseline PSNR median "
+              f"{statistics.median(r.metrics['baseline_psnr'] for r in ok):.2f} dB")
+
+
+if __name__ == "__main__":
+    main()
