@@ -20,7 +20,7 @@ def save_grid(path: Path, columns: list[torch.Tensor], titles: list[str], cell: 
     height = title_h + rows * (cell + pad) + pad
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for c, (images, title) in enumerate(zip(columns, titles)):
+    for c, (images, title) in enumerate(zip(columns, titles, strict=True)):
         x0 = pad + c * (cell + pad)
         draw.text((x0, 2), title, fill=(0, 0, 0))
         for r in range(rows):

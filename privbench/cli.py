@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -52,21 +52,21 @@ def run(
     defense: Annotated[str, typer.Option(help="Defense name (see 'bench list').")] = "none",
     attack: Annotated[str, typer.Option(help="Attack name (see 'bench list').")] = "dlg",
     dataset: Annotated[str, typer.Option(help="synthetic-mri, brain-tumor-mri, imagefolder:<path>, medmnist:<flag>.")] = "synthetic-mri",
-    data_root: Annotated[Optional[Path], typer.Option(help="Folder holding the dataset.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding the dataset.")] = None,
     model: Annotated[str, typer.Option(help="Target model architecture.")] = "lenet",
     image_size: Annotated[int, typer.Option(help="Images are resized to this many pixels a side.")] = 32,
     channels: Annotated[int, typer.Option(help="1 (grayscale) or 3 (RGB).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the split, initialization, victim choice and attack.")] = 0,
-    defense_param: Annotated[Optional[list[str]], typer.Option("--defense-param", help="key=value, repeatable.")] = None,
-    attack_param: Annotated[Optional[list[str]], typer.Option("--attack-param", help="key=value, repeatable.")] = None,
-    model_param: Annotated[Optional[list[str]], typer.Option("--model-param", help="key=value, repeatable.")] = None,
+    defense_param: Annotated[list[str] | None, typer.Option("--defense-param", help="key=value, repeatable.")] = None,
+    attack_param: Annotated[list[str] | None, typer.Option("--attack-param", help="key=value, repeatable.")] = None,
+    model_param: Annotated[list[str] | None, typer.Option("--model-param", help="key=value, repeatable.")] = None,
     gradient_round: Annotated[str, typer.Option("--round", help="Gradients at 'init' (seed's initialization) or 'trained'.")] = "init",
     victim_batch: Annotated[int, typer.Option(help="Images in the victim's batch.")] = 1,
-    max_grad_evals: Annotated[Optional[int], typer.Option(help="Cap on the attack's gradient evaluations.")] = None,
+    max_grad_evals: Annotated[int | None, typer.Option(help="Cap on the attack's gradient evaluations.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute even if a stored result exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result row as JSON.")] = False,
-    store_path: Annotated[Optional[Path], typer.Option("--store", help="SQLite results file.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Torch intra-op threads (default $PRIVBENCH_THREADS or 1).")] = None,
+    store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch intra-op threads (default $PRIVBENCH_THREADS or 1).")] = None,
     allow_download: Annotated[bool, typer.Option("--allow-download", help="Let datasets download missing files.")] = False,
 ) -> None:
     """Run one defense x attack pair (or return its stored result) and store one row."""
@@ -97,7 +97,7 @@ def run(
         _fail_input(exc)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted: nothing was stored for this run[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -155,7 +155,7 @@ def _print_result(result, store) -> None:
 
 @app.command("list")
 def list_components(
-    kind: Annotated[Optional[str], typer.Argument(help="defenses, attacks, datasets, models or metrics.")] = None,
+    kind: Annotated[str | None, typer.Argument(help="defenses, attacks, datasets, models or metrics.")] = None,
 ) -> None:
     """Every registered component with its kind, origin and description."""
     kinds = [kind] if kind else list(registry.ALL)
@@ -179,8 +179,8 @@ def list_components(
 @app.command()
 def runs(
     limit: Annotated[int, typer.Option(help="How many rows.")] = 20,
-    status: Annotated[Optional[str], typer.Option(help="Only rows with this status (ok, failed, unsupported).")] = None,
-    store_path: Annotated[Optional[Path], typer.Option("--store", help="SQLite results file.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only rows with this status (ok, failed, unsupported).")] = None,
+    store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON.")] = False,
 ) -> None:
     """Recent stored runs."""

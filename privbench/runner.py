@@ -16,7 +16,7 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from privbench import __version__, registry
 from privbench import config as configlib

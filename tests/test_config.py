@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from privbench.config import Budget, ConfigError, RunConfig, coerce_params, parse_assignments, resolve
 from privbench.attacks.gradient_inversion import GradientInversionParams
+from privbench.config import Budget, ConfigError, RunConfig, coerce_params, parse_assignments, resolve
 
 
 def test_hash_ignores_param_order_and_changes_with_content():

@@ -79,12 +79,12 @@ class _BudgetExhausted(Exception):
 
 
 def l2_distance(dummy: tuple[torch.Tensor, ...], target: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return sum(((d - t) ** 2).sum() for d, t in zip(dummy, target))
+    return sum(((d - t) ** 2).sum() for d, t in zip(dummy, target, strict=True))
 
 
 def cosine_distance(dummy: tuple[torch.Tensor, ...], target: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """1 - cosine similarity of the two updates flattened over all parameters, in [0, 2]."""
-    dot = sum((d * t).sum() for d, t in zip(dummy, target))
+    dot = sum((d * t).sum() for d, t in zip(dummy, target, strict=True))
     dummy_norm = sum(d.pow(2).sum() for d in dummy).sqrt()
     target_norm = sum(t.pow(2).sum() for t in target).sqrt()
     return 1 - dot / (dummy_norm * target_norm + 1e-12)
@@ -106,8 +106,7 @@ def analytic_label(update: GradientUpdate) -> torch.Tensor:
     """
     if update.batch_size != 1:
         raise AttackError(f"the analytic (iDLG) label rule holds for one image only; batch size is {update.batch_size}")
-    params = [p for p in update.model.parameters() if p.requires_grad]
-    for param, grad in zip(reversed(params), reversed(update.gradients)):
+    for grad in reversed(update.gradients):
         if grad.dim() == 2 and grad.shape[0] == update.num_classes:
             return grad.sum(dim=1).argmin().reshape(1)
     raise AttackError("no final linear layer with one row per class found for the analytic label rule")
@@ -189,7 +188,7 @@ class GradientInversion(Attack):
             if p.tv_weight:
                 value = value + p.tv_weight * total_variation(x)
             grads = torch.autograd.grad(value, leaves)
-            for leaf, grad in zip(leaves, grads):
+            for leaf, grad in zip(leaves, grads, strict=True):
                 leaf.grad = grad
             if p.signed:
                 x.grad.sign_()

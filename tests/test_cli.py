@@ -1,0 +1,69 @@
+"""The CLI's exits: 2 with a clear message and no traceback for bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from privbench import cli
+from privbench.cli import app
+
+runner = CliRunner()
+TINY = ["--image-size", "16", "--attack-param", "steps=5", "--attack-param", "restarts=1", "--defense-param", "epochs=1"]
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+@pytest.mark.usefixtures("bench_home")
+def test_unknown_defense_exits_2_with_suggestions():
+    result = invoke("run", "--defense", "nope", "--attack", "dlg")
+    assert result.exit_code == 2
+    assert "unknown defense 'nope'" in result.output and "none" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.usefixtures("bench_home")
+def test_unknown_attack_suggests_close_name():
+    result = invoke("run", "--attack", "dgl")
+    assert result.exit_code == 2 and "Did you mean 'dlg'" in result.output
+
+
+@pytest.mark.usefixtures("bench_home")
+def test_ill_typed_attack_param_exits_2_naming_the_parameter():
+    result = invoke("run", "--attack-param", "steps=abc")
+    assert result.exit_code == 2
+    assert "'steps' expects int, got 'abc'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.usefixtures("bench_home")
+def test_missing_data_root_exits_2_naming_the_path(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    result = invoke("run", "--dataset", "brain-tumor-mri", "--data-root", str(missing))
+    assert result.exit_code == 2 and str(missing) in result.output.replace("\n", "")
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.usefixtures("bench_home")
+def test_run_json_then_cached(monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 200)
+    first = invoke("run", *TINY, "--json")
+    assert first.exit_code == 0, first.output
+    row = json.loads(first.output)
+    assert row["status"] == "ok" and row["metrics"]["psnr"] > 0 and not row["cached"]
+    second = json.loads(invoke("run", *TINY, "--json").output)
+    assert second["cached"] and second["run_id"] == row["run_id"]
+    table = invoke("run", *TINY)
+    assert "psnr" in table.output and "baseline" in table.output and "stored result" in table.output
+    listing = invoke("runs")
+    assert row["run_id"][:15] in listing.output and "ok: 1" in listing.output
+
+
+def test_list_shows_components_and_origins():
+    result = invoke("list")
+    assert result.exit_code == 0
+    for name in ("none", "dlg", "idlg", "invgrad", "synthetic-mri", "brain-tumor-mri", "lenet", "resnet", "psnr"):
+        assert name in result.output
+    assert "built-in" in result.output
+    assert invoke("list", "attackz").exit_code == 2
