@@ -158,6 +158,12 @@ def _execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pa
     result.info["target"] = target_info
     result.metrics["target_accuracy"] = target.utility.get("accuracy")
     result.costs.update(target.costs)
+    twin = defense.utility_twin()
+    if twin is not None:
+        twin_target, twin_info = _load_or_fit(twin, fresh_model, parts.members, ctx, cache_dir / "targets", result)
+        result.info["twin"] = twin_info
+        result.metrics["twin_accuracy"] = twin_target.utility.get("accuracy")
+        result.metrics["accuracy_drop"] = result.metrics["twin_accuracy"] - result.metrics["target_accuracy"]
 
     victim = _choose_victim(parts.members, cfg.victim_batch, seeds["victim"])
     result.info["victim_ids"] = list(victim.ids)
@@ -187,7 +193,7 @@ def _load_or_fit(defense, fresh_model, members, ctx, cache_dir: Path, result: Ru
     cfg = ctx.config
     key = _digest(
         {
-            "defense": cfg.defense, "defense_params": dict(cfg.defense_params), "model": cfg.model,
+            "defense": defense.identity(), "model": cfg.model,
             "model_params": dict(cfg.model_params), "dataset": cfg.dataset, "data": result.info["data_fingerprint"],
             "image_size": cfg.image_size, "channels": cfg.channels, "seed": cfg.seed,
             "split": cfg.to_dict()["split"], "privbench": __version__,

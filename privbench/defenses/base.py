@@ -65,6 +65,22 @@ class Defense(ABC):
     def observe(self, surface: Surface, target: Target, victim: Victim, ctx: FitContext) -> Observation:
         """What an attacker on ``surface`` sees when ``victim`` is the client's data."""
 
+    def utility_twin(self) -> "Defense | None":
+        """The same training without this defense's protection (same architecture, data and seeds).
+
+        The runner fits it (cached) and stores ``twin_accuracy`` and
+        ``accuracy_drop`` = twin accuracy - target accuracy on nonmembers, so the
+        utility cost comes from the same config. None: the defense has no twin
+        (``none`` is its own baseline).
+        """
+        return None
+
+    def identity(self) -> dict[str, Any]:
+        """What distinguishes this defense's trained target in the target cache."""
+        import dataclasses
+
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "params": dataclasses.asdict(self.params)}
+
 
 def model_at_round(target: Target, build_model: Callable[[], nn.Module], round_: str) -> nn.Module:
     """A copy of the global model at ``round_`` (``init`` or ``trained``), in train mode."""
