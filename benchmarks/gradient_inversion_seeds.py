@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--seeds", default="0-9")
+    parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--attack-param", action="append", default=[])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--store", default=None)
@@ -44,7 +45,7 @@ def main() -> None:
     for seed in seed_range(args.seeds):
         config = RunConfig(
             defense=args.defense, attack=args.attack, dataset=args.dataset, model=args.model,
-            image_size=args.image_size, channels=args.channels, seed=seed,
+            image_size=args.image_size, channels=args.channels, seed=seed, split_seed=args.split_seed,
             attack_params=parse_assignments(args.attack_param, "--attack-param"),
         )
         result = run(config, store, RunOptions(threads=args.threads))

@@ -56,7 +56,8 @@ def run(
     model: Annotated[str, typer.Option(help="Target model architecture.")] = "lenet",
     image_size: Annotated[int, typer.Option(help="Images are resized to this many pixels a side.")] = 32,
     channels: Annotated[int, typer.Option(help="1 (grayscale) or 3 (RGB).")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the split, initialization, victim choice and attack.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the initialization, training, victim choice and attack.")] = 0,
+    split_seed: Annotated[int, typer.Option(help="Seed of the members / nonmembers / auxiliary split.")] = 0,
     defense_param: Annotated[list[str] | None, typer.Option("--defense-param", help="key=value, repeatable.")] = None,
     attack_param: Annotated[list[str] | None, typer.Option("--attack-param", help="key=value, repeatable.")] = None,
     model_param: Annotated[list[str] | None, typer.Option("--model-param", help="key=value, repeatable.")] = None,
@@ -79,7 +80,7 @@ def run(
             raise ConfigError(f"--data-root {data_root} does not exist or is not a folder; pass the folder that holds the dataset")
         config = RunConfig(
             defense=defense, attack=attack, dataset=dataset, model=model, image_size=image_size,
-            channels=channels, seed=seed,
+            channels=channels, seed=seed, split_seed=split_seed,
             defense_params=parse_assignments(defense_param, "--defense-param"),
             attack_params=parse_assignments(attack_param, "--attack-param"),
             model_params=parse_assignments(model_param, "--model-param"),

@@ -52,6 +52,10 @@ class Budget:
 class RunConfig:
     """Everything that determines one run's result.
 
+    ``seed`` drives the model initialization, training order, victim choice and
+    attack; ``split_seed`` the members / nonmembers / auxiliary split, kept
+    separate so that runs over many seeds share one split (one target
+    population, one auxiliary set for evaluation networks).
     ``gradient_round`` is the point at which a GRADIENTS observation is taken:
     ``init`` (the seed's initialization, as in the DLG paper) or ``trained``
     (after the defense's training). ``victim_batch`` is how many member images
@@ -65,6 +69,7 @@ class RunConfig:
     image_size: int = 32
     channels: int = 1
     seed: int = 0
+    split_seed: int = 0
     defense_params: Params = ()
     attack_params: Params = ()
     model_params: Params = ()
@@ -84,8 +89,10 @@ class RunConfig:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -116,7 +123,8 @@ class RunConfig:
 
     def derived_seeds(self) -> dict[str, int]:
         """Independent seeds for each random choice of the run, all derived from ``seed``."""
-        return {p: derive_seed(self.seed, p) for p in ("split", "init", "train", "victim", "attack")}
+        seeds = {p: derive_seed(self.seed, p) for p in ("init", "train", "victim", "attack")}
+        return {"split": derive_seed(self.split_seed, "split"), **seeds}
 
 
 def derive_seed(seed: int, purpose: str) -> int:
