@@ -142,11 +142,16 @@ def _print_result(result, store) -> None:
         console.print(f"[{colour}]{result.status}:[/] {result.error}", highlight=False)
         return
     metrics = result.metrics
+    unavailable = result.info.get("unavailable_metrics", {})
     table = Table("metric", "attack", "baseline")
-    for name in ("psnr", "ssim", "mse", "label_accuracy"):
+    names = ["psnr", "ssim", "mse", "label_accuracy"] + sorted(m for m in metrics if m.startswith("lpips"))
+    for name in names:
         if name in metrics:
-            table.add_row(name, _fmt(metrics[name]), _fmt(metrics.get(f"baseline_{name}")))
+            note = " (see below)" if name in unavailable else ""
+            table.add_row(name, _fmt(metrics[name]) + note, _fmt(metrics.get(f"baseline_{name}")))
     console.print(table)
+    for name, reason in unavailable.items():
+        console.print(f"[yellow]{name}: n/a ({reason})[/]", highlight=False)
     console.print(
         f"target accuracy on nonmembers {_fmt(metrics.get('target_accuracy'))}; "
         f"{result.grad_evals} gradient evaluations; {result.wall_time_s:.1f} s; "
@@ -206,6 +211,127 @@ def runs(
     console.print(table)
     counts = store.counts()
     console.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no runs stored yet")
+
+
+@app.command()
+def score(
+    defense: Annotated[str | None, typer.Option(help="Only cells with this defense.")] = None,
+    attack: Annotated[str | None, typer.Option(help="Only cells with this attack.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Only cells on this dataset.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only cells with this model.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding the dataset.")] = None,
+    store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
+    allow_download: Annotated[bool, typer.Option("--allow-download", help="Let metrics download missing weights.")] = False,
+    threads: Annotated[int | None, typer.Option(help="Torch intra-op threads.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the cell scores as JSON.")] = False,
+) -> None:
+    """Set metrics (fd_eval, FID, KID) over every cell of stored reconstruction runs, written to the store."""
+    from privbench.provenance import configure_threads
+    from privbench.store import Store
+
+    try:
+        store = Store(store_path)
+        from privbench import scoring
+
+        configure_threads(threads)
+        filters = {k: v for k, v in (("defense", defense), ("attack", attack), ("dataset", dataset), ("model", model)) if v}
+        cells = scoring.reconstruction_cells(store, filters)
+        reports = [
+            scoring.score_cell(store, rows, str(data_root) if data_root else None, allow_download)
+            for rows in cells.values()
+        ]
+    except _input_errors() as exc:
+        _fail_input(exc)
+    if as_json:
+        typer.echo(json.dumps([r.__dict__ for r in reports], indent=2, default=str))
+        return
+    if not reports:
+        console.print("no stored reconstruction runs match; run 'bench run' first")
+        return
+    table = Table("cell", "runs", "metric", "n", "value [95% CI or spread]", "baseline (random auxiliary images)")
+    reasons = []
+    for report in reports:
+        c = report.config
+        label = f"{c['defense']} x {c['attack']} / {c['dataset']} / {c['model']} {c['image_size']}px"
+        for entry in report.scores:
+            sc, base = entry["score"], entry["baseline"]
+            table.add_row(label, str(report.n_runs), sc["name"], str(sc["n"]), _fmt_set(sc), _fmt_set(base) if base else "-")
+            if sc["reason"]:
+                reasons.append(f"{sc['name']}: {sc['reason']}")
+        acc = (report.eval_classifier or {}).get("heldout_accuracy")
+        console.print(f"{label}: evaluation classifier held-out accuracy {_fmt(acc)}; "
+                      f"per-run medians {', '.join(f'{k} {_fmt(v)}' for k, v in report.per_run_medians.items())}")
+    console.print(table)
+    for reason in dict.fromkeys(reasons):
+        console.print(f"[yellow]n/a ({reason})[/]", highlight=False)
+
+
+def _fmt_set(score: dict) -> str:
+    if score["value"] is None:
+        return "n/a (see below)"
+    if score.get("interval"):
+        low, high = score["interval"]
+        return f"{score['value']:.4g} [{low:.4g}, {high:.4g}]"
+    if score.get("spread") is not None:
+        return f"{score['value']:.4g} +- {score['spread']:.2g}"
+    return _fmt(score["value"])
+
+
+@app.command()
+def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
+    """What is available here, offline: data, metric weights, optional libraries, threads, devices, store."""
+    from privbench.doctor import collect
+
+    report = collect()
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+        return
+    for section, rows in report.items():
+        if isinstance(rows, list):
+            table = Table(title=section)
+            for column in rows[0].keys() if rows else ():
+                table.add_column(column, overflow="fold")
+            for row in rows:
+                table.add_row(*(str(v) for v in row.values()))
+            console.print(table)
+        else:
+            console.print(f"[bold]{section}[/]: " + ", ".join(f"{k} {v}" for k, v in rows.items()))
+
+
+weights_app = typer.Typer(help="Pretrained weights for perceptual metrics.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """Every weights file privbench can use and whether it is on this machine."""
+    from privbench.doctor import weights_rows
+
+    table = Table("key", "file", "used by", "status")
+    for row in weights_rows():
+        table.add_row(row["key"], row["file"], row["used by"], row["status"])
+    console.print(table)
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    keys: Annotated[list[str] | None, typer.Argument(help="Which files (default: all); see 'bench weights list'.")] = None,
+) -> None:
+    """Download weights into the torch hub cache (needs network access)."""
+    from privbench.metrics import weights
+
+    for key in keys or list(weights.KNOWN):
+        if key not in weights.KNOWN:
+            _fail_input(registry.UnknownNameError("weights", key, list(weights.KNOWN)))
+        try:
+            path = weights.locate(key)
+            console.print(f"{key}: already present at {path}")
+        except weights.WeightsMissing:
+            try:
+                console.print(f"{key}: downloaded to {weights.fetch(key)}")
+            except Exception as exc:  # network errors are the user's to see, with the file they were after
+                err_console.print(f"[red]{key}: download of {weights.KNOWN[key].url} failed: {exc}[/]")
+                raise typer.Exit(1) from None
 
 
 def entrypoint() -> None:  # pragma: no cover - console script

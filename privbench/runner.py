@@ -178,7 +178,7 @@ def _execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pa
     result.info["attack"] = output.info
 
     if attack.family == "reconstruction":
-        _score_reconstruction(output, victim, parts.auxiliary, result, staging)
+        _score_reconstruction(output, victim, parts.auxiliary, result, staging, options)
     else:  # pragma: no cover - later families add their scorers here
         raise NotImplementedError(f"no scorer for attack family {attack.family!r}")
 
@@ -233,7 +233,22 @@ def _choose_victim(members, batch: int, seed: int):
     return Victim(images=chosen.images, labels=chosen.labels, ids=chosen.ids)
 
 
-def _score_reconstruction(output, victim, auxiliary, result: RunResult, staging: Path) -> None:
+def _score_lpips(images, baseline_images, truth, result: RunResult, options: RunOptions) -> None:
+    """LPIPS[alex] of the reconstruction and of the baseline; no number (with the reason) if weights are missing."""
+    from privbench.metrics.perceptual import LPIPS
+    from privbench.metrics.weights import WeightsMissing
+
+    metric = LPIPS("alex", allow_download=options.allow_download)
+    name = metric.name(truth.shape[-1])
+    try:
+        result.metrics[name] = float(metric(images, truth).mean())
+        result.metrics[f"baseline_{name}"] = float(metric(baseline_images, truth).mean())
+    except WeightsMissing as exc:
+        result.metrics[name] = result.metrics[f"baseline_{name}"] = None
+        result.info.setdefault("unavailable_metrics", {})[name] = str(exc)
+
+
+def _score_reconstruction(output, victim, auxiliary, result: RunResult, staging: Path, options: RunOptions) -> None:
     import torch
 
     from privbench.metrics.image import score_reconstruction
@@ -250,6 +265,7 @@ def _score_reconstruction(output, victim, auxiliary, result: RunResult, staging:
     baseline = score_reconstruction(mean_image, majority.expand_as(victim.labels), victim.images, victim.labels)
     result.metrics.update({f"baseline_{k}": v for k, v in baseline.items()})
     result.info["baseline"] = "mean image and majority label of the auxiliary split"
+    _score_lpips(output.images, mean_image, victim.images, result, options)
     from privbench.artifacts import save_grid
 
     save_grid(staging / "reconstruction.png", [victim.images, output.images, mean_image],

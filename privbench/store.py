@@ -44,6 +44,17 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_cache_key ON runs (cache_key, status);
 CREATE INDEX IF NOT EXISTS runs_request_key ON runs (request_key, status);
+CREATE TABLE IF NOT EXISTS cell_scores (
+    cell_key TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    privbench_version TEXT NOT NULL,
+    cell_json TEXT NOT NULL,
+    score_json TEXT NOT NULL,
+    baseline_json TEXT,
+    run_ids_json TEXT NOT NULL,
+    PRIMARY KEY (cell_key, metric)
+);
 """
 
 
@@ -139,6 +150,46 @@ class Store:
         finally:
             conn.close()
         return result
+
+    def record_cell_score(
+        self, cell_key: str, cell: dict, score: dict, baseline: dict | None, run_ids: list[str], version: str
+    ) -> None:
+        """Store (replacing any earlier value) one set metric of a cell and its baseline."""
+        import datetime as dt
+
+        conn = self._connect()
+        try:
+            with conn:
+                conn.execute(
+                    "INSERT OR REPLACE INTO cell_scores VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        cell_key, score["name"], dt.datetime.now(dt.timezone.utc).isoformat(), version,
+                        _dumps(cell), _dumps(score), _dumps(baseline) if baseline else None, _dumps(run_ids),
+                    ),
+                )
+        finally:
+            conn.close()
+
+    def cell_scores(self, cell_key: str | None = None) -> list[dict]:
+        conn = self._connect()
+        try:
+            sql = "SELECT * FROM cell_scores" + (" WHERE cell_key = ?" if cell_key else "") + " ORDER BY cell_key, metric"
+            rows = conn.execute(sql, (cell_key,) if cell_key else ()).fetchall()
+        finally:
+            conn.close()
+        return [
+            {
+                "cell_key": r["cell_key"], "metric": r["metric"], "created_at": r["created_at"],
+                "privbench_version": r["privbench_version"], "cell": json.loads(r["cell_json"]),
+                "score": json.loads(r["score_json"]),
+                "baseline": json.loads(r["baseline_json"]) if r["baseline_json"] else None,
+                "run_ids": json.loads(r["run_ids_json"]),
+            }
+            for r in rows
+        ]
+
+    def all_ok(self) -> list[RunResult]:
+        return self._query("SELECT * FROM runs WHERE status = 'ok' ORDER BY created_at", ())
 
     # -- reading ----------------------------------------------------------------
     def find_ok(self, *, cache_key: str | None = None, request_key: str | None = None) -> RunResult | None:
