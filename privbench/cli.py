@@ -63,6 +63,9 @@ def run(
     model_param: Annotated[list[str] | None, typer.Option("--model-param", help="key=value, repeatable.")] = None,
     gradient_round: Annotated[str, typer.Option("--round", help="Gradients at 'init' (seed's initialization) or 'trained'.")] = "init",
     victim_batch: Annotated[int, typer.Option(help="Images in the victim's batch.")] = 1,
+    members: Annotated[int | None, typer.Option(help="Members (target training set) count; default half the data.")] = None,
+    nonmembers: Annotated[int | None, typer.Option(help="Nonmembers count; default a quarter of the data.")] = None,
+    auxiliary: Annotated[int | None, typer.Option(help="Auxiliary count; default the rest.")] = None,
     max_grad_evals: Annotated[int | None, typer.Option(help="Cap on the attack's gradient evaluations.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute even if a stored result exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result row as JSON.")] = False,
@@ -72,6 +75,7 @@ def run(
 ) -> None:
     """Run one defense x attack pair (or return its stored result) and store one row."""
     from privbench.config import Budget, ConfigError, RunConfig, parse_assignments
+    from privbench.datasets.splits import SplitSpec
     from privbench.runner import RunOptions, lookup
     from privbench.store import Store
 
@@ -85,6 +89,7 @@ def run(
             attack_params=parse_assignments(attack_param, "--attack-param"),
             model_params=parse_assignments(model_param, "--model-param"),
             gradient_round=gradient_round, victim_batch=victim_batch, budget=Budget(max_grad_evals),
+            split=SplitSpec(members=members, nonmembers=nonmembers, auxiliary=auxiliary),
         )
         options = RunOptions(
             data_root=str(data_root) if data_root else None, force=force,

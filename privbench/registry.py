@@ -183,7 +183,7 @@ def _dist_label(ep: md.EntryPoint) -> str:
 
 defenses: Registry = Registry(
     "defenses",
-    {"none": "privbench.defenses.none"},
+    {"none": "privbench.defenses.none", "dp": "privbench.defenses.dp"},
 )
 attacks: Registry = Registry(
     "attacks",
@@ -191,6 +191,9 @@ attacks: Registry = Registry(
         "dlg": "privbench.attacks.gradient_inversion",
         "idlg": "privbench.attacks.gradient_inversion",
         "invgrad": "privbench.attacks.gradient_inversion",
+        "loss-threshold": "privbench.attacks.membership",
+        "shadow": "privbench.attacks.membership",
+        "lira": "privbench.attacks.membership",
     },
 )
 datasets: Registry = Registry(

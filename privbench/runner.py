@@ -24,6 +24,7 @@ from privbench import datasets as datasetlib
 from privbench.config import RunConfig
 from privbench.provenance import configure_threads, git_commit, versions
 from privbench.store import RunResult, Store, home
+from privbench.threat import Surface
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -165,9 +166,12 @@ def _execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pa
         result.metrics["twin_accuracy"] = twin_target.utility.get("accuracy")
         result.metrics["accuracy_drop"] = result.metrics["twin_accuracy"] - result.metrics["target_accuracy"]
 
-    victim = _choose_victim(parts.members, cfg.victim_batch, seeds["victim"])
-    result.info["victim_ids"] = list(victim.ids)
-    observation = defense.observe(attack.surface, target, victim, ctx)
+    if attack.surface is Surface.GRADIENTS:
+        victim = _choose_victim(parts.members, cfg.victim_batch, seeds["victim"])
+        result.info["victim_ids"] = list(victim.ids)
+        observation = defense.observe(attack.surface, target, victim, ctx)
+    else:
+        observation, is_member = _model_observation(defense, attack.surface, target, parts, ctx, data.num_classes)
     result.info["observation"] = {"surface": observation.surface.value, **observation.notes}
 
     attack_progress = (lambda done, total: progress("attack", done, total)) if progress else None
@@ -179,8 +183,78 @@ def _execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pa
 
     if attack.family == "reconstruction":
         _score_reconstruction(output, victim, parts.auxiliary, result, staging, options)
+    elif attack.family == "membership":
+        _score_membership(output, is_member, result, staging)
     else:  # pragma: no cover - later families add their scorers here
         raise NotImplementedError(f"no scorer for attack family {attack.family!r}")
+
+
+def _model_observation(defense, surface, target, parts, ctx, num_classes):
+    """The released-model observation plus what a membership attacker holds: candidates and auxiliary data.
+
+    Candidates are every member and every nonmember (unique images: the split
+    dropped duplicates), shuffled; which is which stays with the runner. ROC
+    metrics are rates within each class, so the two need not be equal in number.
+    """
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from privbench.defenses.base import FitContext
+    from privbench.models import build_model
+
+    cfg = ctx.config
+    if len(parts.nonmembers) == 0 or len(parts.members) == 0:
+        raise configlib.ConfigError("membership scoring needs non-empty members and nonmembers splits")
+    rng = np.random.default_rng(ctx.seeds["victim"])
+    members, nonmembers = parts.members, parts.nonmembers
+    n = len(members)
+    order = rng.permutation(n + len(nonmembers))
+    from privbench.datasets import ImageDataset
+
+    pooled = ImageDataset(
+        torch.cat([members.images, nonmembers.images]), torch.cat([members.labels, nonmembers.labels]),
+        members.class_names, members.ids + nonmembers.ids, members.provenance,
+    )
+    candidates = pooled.subset(order)
+    is_member = (order < n)
+
+    def model_from_seed(seed: int):
+        return build_model(cfg.model, dict(cfg.model_params), cfg.channels, cfg.image_size, num_classes, seed)
+
+    def shadow_trainer(data, seed: int):
+        shadow_ctx = FitContext(cfg, lambda: model_from_seed(seed), data, {**ctx.seeds, "train": seed})
+        return defense.fit(model_from_seed(seed), data, shadow_ctx).model
+
+    observation = defense.observe(surface, target, None, ctx)
+    notes = {
+        **observation.notes,
+        "target_train_time_s": target.costs.get("train_time_s"),
+        "n_members": len(parts.members),
+        "n_candidates": len(order),
+        "training_recipe": defense.plain_training_recipe(),
+    }
+    observation = dataclasses.replace(
+        observation, auxiliary=parts.auxiliary, candidates=candidates, shadow_trainer=shadow_trainer,
+        build_model=model_from_seed, notes=notes,
+    )
+    return observation, is_member
+
+
+def _score_membership(output, is_member, result: RunResult, staging: Path) -> None:
+    from privbench.metrics.membership import membership_metrics
+
+    if output.scores is None or len(output.scores) != len(is_member):
+        raise RuntimeError(f"membership attack returned {None if output.scores is None else len(output.scores)} "
+                           f"scores for {len(is_member)} candidates")
+    metrics, reasons, roc = membership_metrics(output.scores, is_member, output.decisions)
+    result.metrics.update(metrics)
+    if reasons:
+        result.info.setdefault("unavailable_metrics", {}).update(reasons)
+    (staging / "roc.json").write_text(json.dumps(roc))
+    (staging / "scores.json").write_text(json.dumps({"scores": [float(x) for x in output.scores],
+                                                     "is_member": [bool(x) for x in is_member]}))
 
 
 def _load_or_fit(defense, fresh_model, members, ctx, cache_dir: Path, result: RunResult):

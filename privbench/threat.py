@@ -51,8 +51,11 @@ class Observation:
     surface: Surface
     gradient_update: GradientUpdate | None = None
     model: "nn.Module | None" = None
-    query: "Callable[[torch.Tensor], torch.Tensor] | None" = None
-    auxiliary: "ImageDataset | None" = None
+    query: "Callable[[torch.Tensor], torch.Tensor] | None" = None  # images [B,C,H,W] -> logits [B,K]
+    auxiliary: "ImageDataset | None" = None  # the attacker's population data (other patients)
+    candidates: "ImageDataset | None" = None  # images and class labels whose membership is asked, not revealed
+    shadow_trainer: "Callable[[ImageDataset, int], nn.Module] | None" = None  # the target's training pipeline
+    build_model: "Callable[[int], nn.Module] | None" = None  # the public architecture, initialised from a seed
     notes: dict[str, Any] = field(default_factory=dict)
 
 

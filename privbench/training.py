@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
 import torch
 from torch import nn
@@ -30,12 +30,12 @@ class TrainParams:
             raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
 
 
-def make_optimizer(params: TrainParams, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(params: TrainParams, tensors: nn.Module | Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """The optimizer ``params`` names over a model's parameters (or any tensors)."""
+    tensors = list(tensors.parameters() if isinstance(tensors, nn.Module) else tensors)
     if params.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    return torch.optim.SGD(
-        model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
-    )
+        return torch.optim.Adam(tensors, lr=params.lr, weight_decay=params.weight_decay)
+    return torch.optim.SGD(tensors, lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
 
 
 def train_classifier(
@@ -47,7 +47,7 @@ def train_classifier(
 ) -> dict:
     """Train ``model`` in place on ``data``; returns the training record (losses, time in s)."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = make_optimizer(params, model)
+    optimizer = make_optimizer(params, model.parameters())
     n = len(data)
     losses: list[float] = []
     start = time.perf_counter()

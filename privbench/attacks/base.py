@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 from privbench.threat import Observation, Surface
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from privbench.config import Budget
@@ -26,12 +27,15 @@ class AttackOutput:
     """What an attack produces.
 
     reconstruction: ``images`` float [B, C, H, W] in [0, 1] and ``labels`` int64 [B].
+    membership: ``scores`` float [N] over the observation's candidates (and optional ``decisions`` bool [N]).
     ``grad_evals``: gradient evaluations of the target model spent.
     ``info``: attacker-side diagnostics (e.g. the final gradient distance of each restart).
     """
 
     images: "torch.Tensor | None" = None
     labels: "torch.Tensor | None" = None
+    scores: "np.ndarray | None" = None  # membership: one score per candidate, higher = member
+    decisions: "np.ndarray | None" = None  # membership: the attack's own member / non-member calls
     grad_evals: int = 0
     info: dict[str, Any] = field(default_factory=dict)
 

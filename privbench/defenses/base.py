@@ -62,8 +62,8 @@ class Defense(ABC):
         """Train ``model`` (fresh, at the seed's initialization) on ``members`` under the defense."""
 
     @abstractmethod
-    def observe(self, surface: Surface, target: Target, victim: Victim, ctx: FitContext) -> Observation:
-        """What an attacker on ``surface`` sees when ``victim`` is the client's data."""
+    def observe(self, surface: Surface, target: Target, victim: Victim | None, ctx: FitContext) -> Observation:
+        """What an attacker on ``surface`` sees; ``victim`` is the client's data (None for model surfaces)."""
 
     def utility_twin(self) -> "Defense | None":
         """The same training without this defense's protection (same architecture, data and seeds).
@@ -73,6 +73,10 @@ class Defense(ABC):
         utility cost comes from the same config. None: the defense has no twin
         (``none`` is its own baseline).
         """
+        return None
+
+    def plain_training_recipe(self) -> dict[str, Any] | None:
+        """The TrainParams (as a dict) if this defense is plain training, so shadows can mimic it cheaply; else None."""
         return None
 
     def identity(self) -> dict[str, Any]:

@@ -45,7 +45,12 @@ class NoDefense(Defense):
             costs={"train_time_s": record["train_time_s"]},
         )
 
-    def observe(self, surface: Surface, target: Target, victim: Victim, ctx: FitContext) -> Observation:
+    def plain_training_recipe(self) -> dict:
+        import dataclasses
+
+        return dataclasses.asdict(self.params)
+
+    def observe(self, surface: Surface, target: Target, victim: Victim | None, ctx: FitContext) -> Observation:
         if surface is Surface.GRADIENTS:
             model = model_at_round(target, ctx.build_model, ctx.config.gradient_round)
             return gradient_observation(model, client_gradients(model, victim.images, victim.labels), victim, ctx)

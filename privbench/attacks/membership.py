@@ -1,0 +1,263 @@
+"""Membership inference against the released model (surface MODEL_QUERIES).
+
+The attacker queries the released model (logits, or with ``label_only`` only the
+predicted class) on candidate images with their class labels, and holds the
+auxiliary split (other patients, disjoint from every candidate). It returns one
+score per candidate, higher meaning "member"; the runner scores them against the
+membership it withheld.
+
+- ``loss-threshold`` (Yeom et al., 2018): score = -loss; the decision threshold is
+  the median loss on auxiliary data (non-members by construction). Trains
+  nothing; uses auxiliary data only for that threshold.
+- ``shadow`` (Shokri et al., 2017): shadow models trained by privbench on the
+  auxiliary split through the target's own defense pipeline, their outputs on
+  their own in/out halves fed to ART's ``MembershipInferenceBlackBox``. Shadow
+  data and candidates are disjoint. A shadow ensemble whose estimated training
+  time exceeds ``shadow_budget_s`` makes the pair unsupported (with the estimate).
+- ``lira`` (Carlini et al., 2022): N shadows on random halves of a pool;
+  logit-scaled confidence; per-example Gaussians. Online, the pool is auxiliary
+  + candidates (by design the scored candidates are in half of the shadows'
+  training sets); offline, the pool is auxiliary only (disjoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from privbench import registry
+from privbench.attacks.base import Attack, AttackError, AttackOutput, Progress
+from privbench.config import Budget, ConfigError
+from privbench.threat import Observation, Surface
+
+
+class UnsupportedPair(AttackError):
+    """The pair cannot be run honestly within the attack's budget; stored as unsupported."""
+
+
+@torch.no_grad()
+def query_logits(observation: Observation, images: torch.Tensor, label_only: bool, batch: int = 512) -> torch.Tensor:
+    """Logits [N, K] from the released model; with ``label_only`` a one-hot of the predicted class."""
+    out = torch.cat([observation.query(images[i : i + batch]) for i in range(0, len(images), batch)])
+    if label_only:
+        return F.one_hot(out.argmax(1), out.shape[1]).float()
+    return out
+
+
+def logit_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """LiRA's logit-scaled confidence log(p_y / (1 - p_y)), computed stably from logits [..., N, K]."""
+    true = logits.gather(-1, labels.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    others = logits.scatter(-1, labels.expand(*logits.shape[:-1]).unsqueeze(-1), float("-inf"))
+    return true - torch.logsumexp(others, dim=-1)
+
+
+class MembershipAttack(Attack):
+    surface = Surface.MODEL_QUERIES
+    family = "membership"
+
+    def _check(self, observation: Observation) -> None:
+        if observation.query is None or observation.candidates is None:
+            raise AttackError(f"{self.registry_name} needs the MODEL_QUERIES surface with candidates to score")
+        if observation.auxiliary is None or len(observation.auxiliary) == 0:
+            raise ConfigError(f"{self.registry_name} needs auxiliary data; the auxiliary split is empty")
+
+
+@dataclass(frozen=True)
+class LossThresholdParams:
+    label_only: bool = False  # only the predicted class is visible: loss is 0 if right, 1 if wrong
+    threshold_quantile: float = 0.5  # decision threshold: this quantile of the auxiliary losses
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold_quantile < 1:
+            raise ValueError("threshold_quantile must be in (0, 1)")
+
+
+@registry.attacks.register("loss-threshold")
+class LossThreshold(MembershipAttack):
+    """Yeom et al. 2018: low loss means member; threshold calibrated on auxiliary data only."""
+
+    Params = LossThresholdParams
+    description = "Loss threshold (Yeom et al. 2018): score -loss; threshold from auxiliary losses only."
+
+    def _losses(self, observation: Observation, images, labels) -> torch.Tensor:
+        logits = query_logits(observation, images, self.params.label_only)
+        if self.params.label_only:
+            return (logits.argmax(1) != labels).double()
+        return F.cross_entropy(logits, labels, reduction="none").double()
+
+    def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
+        self._check(observation)
+        aux, cand = observation.auxiliary, observation.candidates
+        threshold = float(torch.quantile(self._losses(observation, aux.images, aux.labels), self.params.threshold_quantile))
+        losses = self._losses(observation, cand.images, cand.labels)
+        return AttackOutput(
+            scores=(-losses).numpy(), decisions=(losses <= threshold).numpy(),
+            info={"threshold": threshold, "calibration": f"{self.params.threshold_quantile:g} quantile of auxiliary losses"},
+        )
+
+
+@dataclass(frozen=True)
+class ShadowParams:
+    shadows: int = 4  # shadow models, each on its own disjoint part of the auxiliary split (half in, half out)
+    attack_model: str = "rf"  # ART attack model type: nn, rf, gb, lr, dt, knn, svm
+    shadow_budget_s: float = 1800.0  # refuse (unsupported) if the shadows are estimated to take longer
+    min_shadow_images: int = 40  # each shadow's part of the auxiliary split must hold at least this many
+
+    def __post_init__(self) -> None:
+        if self.shadows < 1 or self.shadow_budget_s <= 0:
+            raise ValueError("shadows must be >= 1 and shadow_budget_s > 0")
+
+
+@registry.attacks.register("shadow")
+class ShadowModels(MembershipAttack):
+    """Shokri et al. 2017 with ART's MembershipInferenceBlackBox; shadows trained through the target's defense."""
+
+    Params = ShadowParams
+    description = "Shadow models (Shokri et al. 2017) trained through the target's defense, ART black-box attack model."
+
+    def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
+        self._check(observation)
+        p = self.params
+        aux, cand = observation.auxiliary, observation.candidates
+        per_shadow = len(aux) // p.shadows
+        if per_shadow < p.min_shadow_images:
+            raise ConfigError(
+                f"shadow: {p.shadows} shadows need at least {p.shadows * p.min_shadow_images} auxiliary images "
+                f"({p.min_shadow_images} each); the auxiliary split has {len(aux)}. Ask for fewer shadows."
+            )
+        if observation.shadow_trainer is None:
+            raise UnsupportedPair("shadow: the defense exposes no training pipeline to build shadows with")
+        target_time = float(observation.notes.get("target_train_time_s") or 0.0)
+        n_target = max(int(observation.notes.get("n_members") or 1), 1)
+        estimate = p.shadows * target_time * (per_shadow / 2) / n_target
+        if estimate > p.shadow_budget_s:
+            raise UnsupportedPair(
+                f"shadow: {p.shadows} shadows through this defense are estimated at {estimate:.0f} s, over the "
+                f"shadow budget of {p.shadow_budget_s:.0f} s (raise shadow_budget_s or use fewer shadows)"
+            )
+        from art.attacks.inference.membership_inference import MembershipInferenceBlackBox
+        from art.estimators.classification import PyTorchClassifier
+
+        order = np.random.default_rng(self.seed).permutation(len(aux))
+        preds_in, preds_out, y_in, y_out, first = [], [], [], [], None
+        for s in range(p.shadows):
+            part = order[s * per_shadow : (s + 1) * per_shadow]
+            inside, outside = aux.subset(part[: per_shadow // 2]), aux.subset(part[per_shadow // 2 :])
+            model = observation.shadow_trainer(inside, self.seed + s).eval()
+            first = first or model
+            with torch.no_grad():
+                preds_in.append(F.softmax(model(inside.images), 1).numpy())
+                preds_out.append(F.softmax(model(outside.images), 1).numpy())
+            y_in.append(inside.labels.numpy())
+            y_out.append(outside.labels.numpy())
+            if progress:
+                progress(s + 1, p.shadows)
+        k = cand.num_classes
+        estimator = PyTorchClassifier(first, loss=torch.nn.CrossEntropyLoss(), input_shape=cand.image_shape, nb_classes=k)
+        art = MembershipInferenceBlackBox(estimator, input_type="prediction", attack_model_type=p.attack_model)
+        onehot = np.eye(k, dtype=np.float32)
+        art.fit(y=onehot[np.concatenate(y_in)], pred=np.concatenate(preds_in).astype(np.float32),
+                test_y=onehot[np.concatenate(y_out)], test_pred=np.concatenate(preds_out).astype(np.float32))
+        target_probs = F.softmax(query_logits(observation, cand.images, False), 1).numpy().astype(np.float32)
+        scores = art.infer(None, onehot[cand.labels.numpy()], pred=target_probs, probabilities=True)
+        scores = np.asarray(scores, dtype=np.float64).reshape(len(cand), -1)[:, -1]
+        return AttackOutput(
+            scores=scores, decisions=scores >= 0.5,
+            info={"shadows": p.shadows, "images_per_shadow": per_shadow, "estimated_shadow_time_s": estimate,
+                  "attack_model": f"ART MembershipInferenceBlackBox({p.attack_model})",
+                  "data": "shadow data (auxiliary) disjoint from the candidates"},
+        )
+
+
+@dataclass(frozen=True)
+class LiRAParams:
+    shadows: int = 16
+    online: bool = True  # shadows on halves of auxiliary + candidates (IN and OUT Gaussians); else auxiliary only
+    augment: bool = True  # query each image and its horizontal flip, average the logit-scaled confidence
+    fixed_variance: bool = True  # one variance for all examples (recommended below ~64 shadows)
+    vectorized: bool = True  # train the ensemble at once with torch.func (models without BatchNorm)
+    shadow_size: int | None = None  # images per shadow; None: the target's training-set size (public)
+
+    def __post_init__(self) -> None:
+        if self.shadows < 2:
+            raise ValueError("lira needs at least 2 shadows")
+
+
+@registry.attacks.register("lira")
+class LiRA(MembershipAttack):
+    """Likelihood-ratio attack (Carlini et al. 2022): per-example Gaussians of shadow confidences."""
+
+    Params = LiRAParams
+    description = "LiRA (Carlini et al. 2022): shadow ensemble on random halves, logit confidence, online/offline."
+
+    def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
+        from privbench.attacks.shadow_ensemble import train_shadow_ensemble
+
+        self._check(observation)
+        p = self.params
+        aux, cand = observation.auxiliary, observation.candidates
+        size = p.shadow_size or int(observation.notes.get("n_members") or len(cand) // 2)
+        if p.online:
+            # the candidates plus enough auxiliary images that each shadow's set is at most half the pool
+            extra = max(0, 2 * size - len(cand))
+            if extra > len(aux):
+                raise ConfigError(f"lira: shadows of {size} images need {extra} auxiliary images; there are {len(aux)}")
+            pool_images, pool_labels = torch.cat([cand.images, aux.images[:extra]]), torch.cat([cand.labels, aux.labels[:extra]])
+        else:
+            if len(aux) < 2 * size:
+                raise ConfigError(
+                    f"lira offline: shadows of {size} images need at least {2 * size} auxiliary images "
+                    f"(each shadow trains on a random half of a pool); there are {len(aux)}. Lower shadow_size."
+                )
+            pool_images, pool_labels = aux.images, aux.labels
+        generator = torch.Generator().manual_seed(self.seed)
+        # each shadow trains on a random subset of `size` pool images (half the pool when the pool is 2 x size)
+        inside = torch.stack([torch.randperm(len(pool_images), generator=generator) < size for _ in range(p.shadows)])
+        recipe = observation.notes.get("training_recipe")
+        ensemble = train_shadow_ensemble(observation, pool_images, pool_labels, inside, recipe, self.seed,
+                                         vectorized=p.vectorized, progress=progress)
+        views = [cand.images, cand.images.flip(-1)] if p.augment else [cand.images]
+        target_phi = torch.stack([logit_confidence(query_logits(observation, v, False), cand.labels)
+                                  for v in views]).mean(0).double()
+        shadow_phi = torch.stack([logit_confidence(ensemble.logits(v), cand.labels) for v in views]).mean(0).double()
+        if p.online:
+            cand_in = inside[:, : len(cand)]  # [S, N]: candidate in shadow s's training set
+            scores = _online_scores(target_phi, shadow_phi, cand_in, p.fixed_variance)
+        else:
+            scores = _offline_scores(target_phi, shadow_phi, p.fixed_variance)
+        return AttackOutput(
+            scores=scores.numpy(), decisions=(scores > 0).numpy() if p.online else None,
+            info={"shadows": p.shadows, "shadow_size": size, "pool": len(pool_images), "online": p.online, "augment": p.augment, "fixed_variance": p.fixed_variance,
+                  "shadow_training": ensemble.how, "shadow_train_time_s": ensemble.seconds,
+                  "data": "candidates are in half of the shadows' pools (online, by design)" if p.online
+                  else "shadow pool (auxiliary) disjoint from the candidates"},
+        )
+
+
+def _gauss_logpdf(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return -0.5 * ((x - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * np.log(2 * np.pi)
+
+
+def _online_scores(target: torch.Tensor, shadow: torch.Tensor, inside: torch.Tensor, fixed: bool) -> torch.Tensor:
+    """log N(target; mu_in, s_in) - log N(target; mu_out, s_out) per candidate; shadow [S, N], inside [S, N]."""
+    w_in, w_out = inside.double(), (~inside).double()
+    mu_in = (shadow * w_in).sum(0) / w_in.sum(0).clamp(min=1)
+    mu_out = (shadow * w_out).sum(0) / w_out.sum(0).clamp(min=1)
+    if fixed:
+        s_in = ((shadow - mu_in) ** 2 * w_in).sum().div(w_in.sum().clamp(min=1)).sqrt().expand_as(mu_in)
+        s_out = ((shadow - mu_out) ** 2 * w_out).sum().div(w_out.sum().clamp(min=1)).sqrt().expand_as(mu_out)
+    else:
+        s_in = (((shadow - mu_in) ** 2 * w_in).sum(0) / w_in.sum(0).clamp(min=1)).sqrt()
+        s_out = (((shadow - mu_out) ** 2 * w_out).sum(0) / w_out.sum(0).clamp(min=1)).sqrt()
+    s_in, s_out = s_in.clamp(min=1e-6), s_out.clamp(min=1e-6)
+    return _gauss_logpdf(target, mu_in, s_in) - _gauss_logpdf(target, mu_out, s_out)
+
+
+def _offline_scores(target: torch.Tensor, shadow: torch.Tensor, fixed: bool) -> torch.Tensor:
+    """One-sided test against the OUT Gaussian: log P(phi_out <= target)."""
+    mu = shadow.mean(0)
+    sigma = (shadow - mu).pow(2).mean().sqrt().expand_as(mu) if fixed else shadow.std(0)
+    return torch.special.log_ndtr((target - mu) / sigma.clamp(min=1e-6))
