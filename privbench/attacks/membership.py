@@ -178,7 +178,10 @@ class LiRAParams:
     online: bool = True  # shadows on halves of auxiliary + candidates (IN and OUT Gaussians); else auxiliary only
     augment: bool = True  # query each image and its horizontal flip, average the logit-scaled confidence
     fixed_variance: bool = True  # one variance for all examples (recommended below ~64 shadows)
-    vectorized: bool = True  # train the ensemble at once with torch.func (models without BatchNorm)
+    # Train the ensemble at once with torch.func vmap (models without BatchNorm). Off by default: on this
+    # CPU build vmapped convolutions become grouped convolutions, which are slower than S separate ones
+    # (benchmarks/perf/lira_shadows.py); it pays where per-operation overhead dominates (small dense models).
+    vectorized: bool = False
     shadow_size: int | None = None  # images per shadow; None: the target's training-set size (public)
 
     def __post_init__(self) -> None:

@@ -1,10 +1,7 @@
 """Training an ensemble of shadow models, vectorized with torch.func or one after another.
 
-Each shadow s trains on the pool examples where ``inside[s]`` is True. Vectorized,
-all shadows share every pool batch and weight their loss by their own mask, so
-each sees its own examples once per epoch with about the target's batch size;
-the arithmetic is the same as training them one after another, but one
-operation serves all S models.
+Each shadow s trains on the pool examples where ``inside[s]`` is True, with the
+target's recipe (epochs, batch size, optimizer).
 """
 
 from __future__ import annotations
@@ -77,29 +74,36 @@ def train_sequential(build_model: Callable[[int], nn.Module], images, labels, in
 
 def train_vectorized(build_model: Callable[[int], nn.Module], images, labels, inside, params: TrainParams, seed: int,
                      progress=None) -> ShadowEnsemble:
+    """All shadows at once: each step, shadow s takes the next batch of its own shuffled subset.
+
+    The subsets must be equally large (LiRA's are). Per-shadow batches [S, B, ...]
+    go through one vmapped forward/backward, so the arithmetic equals training
+    the shadows one after another; the gain is fewer, larger operations.
+    """
     from torch.func import functional_call, grad, stack_module_state, vmap
 
     start = time.perf_counter()
     shadows = inside.shape[0]
+    sizes = inside.sum(1)
+    if not bool((sizes == sizes[0]).all()):
+        raise ValueError("vectorized shadow training needs equally large shadow subsets")
+    members = torch.stack([torch.nonzero(inside[s]).flatten() for s in range(shadows)])  # [S, size]
     models = [build_model(seed + s) for s in range(shadows)]
     stacked_params, stacked_buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
 
-    def masked_loss(p, b, x, y, w):
-        losses = F.cross_entropy(functional_call(base, (p, b), (x,)), y, reduction="none")
-        return (losses * w).sum() / w.sum().clamp(min=1)
+    def loss(p, b, x, y):
+        return F.cross_entropy(functional_call(base, (p, b), (x,)), y)
 
-    per_model_grad = vmap(grad(masked_loss), in_dims=(0, 0, None, None, 0))
+    per_model_grad = vmap(grad(loss), in_dims=(0, 0, 0, 0))
     optimizer = make_optimizer(params, stacked_params.values())
     generator = torch.Generator().manual_seed(seed)
-    weights = inside.float()
-    # pool batches sized so that each shadow gets about `batch_size` of its own examples per step
-    batch = max(1, round(params.batch_size * inside.shape[1] / max(float(inside.sum(1).float().mean()), 1.0)))
+    size = members.shape[1]
     for epoch in range(params.epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for begin in range(0, len(images), batch):
-            idx = order[begin : begin + batch]
-            grads = per_model_grad(stacked_params, stacked_buffers, images[idx], labels[idx], weights[:, idx])
+        order = torch.stack([members[s, torch.randperm(size, generator=generator)] for s in range(shadows)])
+        for begin in range(0, size, params.batch_size):
+            idx = order[:, begin : begin + params.batch_size]  # [S, B]
+            grads = per_model_grad(stacked_params, stacked_buffers, images[idx], labels[idx])
             for name, tensor in stacked_params.items():
                 tensor.grad = grads[name]
             optimizer.step()
