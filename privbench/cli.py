@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from privbench import registry
@@ -153,10 +154,10 @@ def _print_result(result, store) -> None:
     for name in names:
         if name in metrics:
             note = " (see below)" if name in unavailable else ""
-            table.add_row(name, _fmt(metrics[name]) + note, _fmt(metrics.get(f"baseline_{name}")))
+            table.add_row(escape(name), _fmt(metrics[name]) + note, _fmt(metrics.get(f"baseline_{name}")))
     console.print(table)
     for name, reason in unavailable.items():
-        console.print(f"[yellow]{name}: n/a ({reason})[/]", highlight=False)
+        console.print(f"[yellow]{escape(name)}: n/a ({escape(reason)})[/]", highlight=False)
     console.print(
         f"target accuracy on nonmembers {_fmt(metrics.get('target_accuracy'))}; "
         f"{result.grad_evals} gradient evaluations; {result.wall_time_s:.1f} s; "
@@ -181,7 +182,7 @@ def list_components(
                     value = getattr(entry.obj, attr, None)
                     if value is not None and not callable(value):
                         extra += f" [{attr}: {getattr(value, 'value', value)}]"
-                table.add_row(k, entry.name, entry.origin.describe(), entry.description + extra)
+                table.add_row(k, entry.name, entry.origin.describe(), escape(entry.description + extra))
     except registry.RegistryError as exc:
         _fail_input(exc)
     console.print(table)
@@ -260,7 +261,8 @@ def score(
         label = f"{c['defense']} x {c['attack']} / {c['dataset']} / {c['model']} {c['image_size']}px"
         for entry in report.scores:
             sc, base = entry["score"], entry["baseline"]
-            table.add_row(label, str(report.n_runs), sc["name"], str(sc["n"]), _fmt_set(sc), _fmt_set(base) if base else "-")
+            table.add_row(label, str(report.n_runs), escape(sc["name"]), str(sc["n"]), _fmt_set(sc),
+                          _fmt_set(base) if base else "-")
             if sc["reason"]:
                 reasons.append(f"{sc['name']}: {sc['reason']}")
         acc = (report.eval_classifier or {}).get("heldout_accuracy")
@@ -268,7 +270,7 @@ def score(
                       f"per-run medians {', '.join(f'{k} {_fmt(v)}' for k, v in report.per_run_medians.items())}")
     console.print(table)
     for reason in dict.fromkeys(reasons):
-        console.print(f"[yellow]n/a ({reason})[/]", highlight=False)
+        console.print(f"[yellow]n/a ({escape(reason)})[/]", highlight=False)
 
 
 def _fmt_set(score: dict) -> str:
@@ -297,7 +299,7 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the repor
             for column in rows[0].keys() if rows else ():
                 table.add_column(column, overflow="fold")
             for row in rows:
-                table.add_row(*(str(v) for v in row.values()))
+                table.add_row(*(escape(str(v)) for v in row.values()))
             console.print(table)
         else:
             console.print(f"[bold]{section}[/]: " + ", ".join(f"{k} {v}" for k, v in rows.items()))

@@ -46,11 +46,16 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     Statistics as pytorch-fid computes them (mean, ``np.cov(rowvar=False)``);
     the distance is pytorch-fid's ``calculate_frechet_distance``.
     """
+    import warnings
+
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    return float(
-        calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
-    )
+    with warnings.catch_warnings():
+        # rank-deficient covariances (dead ReLU features) are handled by pytorch-fid's eps offset
+        warnings.simplefilter("ignore")
+        return float(
+            calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+        )
 
 
 def frechet_score(
