@@ -229,11 +229,15 @@ class LiRA(MembershipAttack):
         if p.online:
             cand_in = inside[:, : len(cand)]  # [S, N]: candidate in shadow s's training set
             scores = _online_scores(target_phi, shadow_phi, cand_in, p.fixed_variance)
+            covered = float(((cand_in.sum(0) > 0) & ((~cand_in).sum(0) > 0)).double().mean())
         else:
             scores = _offline_scores(target_phi, shadow_phi, p.fixed_variance)
+            covered = None
         return AttackOutput(
             scores=scores.numpy(), decisions=(scores > 0).numpy() if p.online else None,
-            info={"shadows": p.shadows, "shadow_size": size, "pool": len(pool_images), "online": p.online, "augment": p.augment, "fixed_variance": p.fixed_variance,
+            info={"shadows": p.shadows, "shadow_size": size, "pool": len(pool_images),
+                  "candidates_with_in_and_out_shadows": covered,
+                  "scoring": "online" if covered == 1.0 else "offline (one-sided)", "online": p.online, "augment": p.augment, "fixed_variance": p.fixed_variance,
                   "shadow_training": ensemble.how, "shadow_train_time_s": ensemble.seconds,
                   "data": "candidates are in half of the shadows' pools (online, by design)" if p.online
                   else "shadow pool (auxiliary) disjoint from the candidates"},
@@ -245,8 +249,14 @@ def _gauss_logpdf(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> tor
 
 
 def _online_scores(target: torch.Tensor, shadow: torch.Tensor, inside: torch.Tensor, fixed: bool) -> torch.Tensor:
-    """log N(target; mu_in, s_in) - log N(target; mu_out, s_out) per candidate; shadow [S, N], inside [S, N]."""
+    """log N(target; mu_in, s_in) - log N(target; mu_out, s_out) per candidate; shadow [S, N], inside [S, N].
+
+    A candidate that no shadow trained on (or every shadow did) has no IN (OUT)
+    sample: it is scored by the offline one-sided test instead, never against a
+    made-up mean.
+    """
     w_in, w_out = inside.double(), (~inside).double()
+    both = (w_in.sum(0) > 0) & (w_out.sum(0) > 0)
     mu_in = (shadow * w_in).sum(0) / w_in.sum(0).clamp(min=1)
     mu_out = (shadow * w_out).sum(0) / w_out.sum(0).clamp(min=1)
     if fixed:
@@ -256,11 +266,22 @@ def _online_scores(target: torch.Tensor, shadow: torch.Tensor, inside: torch.Ten
         s_in = (((shadow - mu_in) ** 2 * w_in).sum(0) / w_in.sum(0).clamp(min=1)).sqrt()
         s_out = (((shadow - mu_out) ** 2 * w_out).sum(0) / w_out.sum(0).clamp(min=1)).sqrt()
     s_in, s_out = s_in.clamp(min=1e-6), s_out.clamp(min=1e-6)
-    return _gauss_logpdf(target, mu_in, s_in) - _gauss_logpdf(target, mu_out, s_out)
+    online = _gauss_logpdf(target, mu_in, s_in) - _gauss_logpdf(target, mu_out, s_out)
+    if bool(both.all()):
+        return online
+    # Different statistics on one scale would not be comparable: fall back to offline for every candidate.
+    return _offline_scores(target, shadow, fixed, weights=w_out)
 
 
-def _offline_scores(target: torch.Tensor, shadow: torch.Tensor, fixed: bool) -> torch.Tensor:
-    """One-sided test against the OUT Gaussian: log P(phi_out <= target)."""
-    mu = shadow.mean(0)
-    sigma = (shadow - mu).pow(2).mean().sqrt().expand_as(mu) if fixed else shadow.std(0)
+def _offline_scores(
+    target: torch.Tensor, shadow: torch.Tensor, fixed: bool, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One-sided test against the OUT Gaussian: log P(phi_out <= target); ``weights`` [S, N] marks OUT samples."""
+    w = torch.ones_like(shadow) if weights is None else weights
+    count = w.sum(0).clamp(min=1)
+    mu = (shadow * w).sum(0) / count
+    if fixed:
+        sigma = ((shadow - mu) ** 2 * w).sum().div(w.sum().clamp(min=1)).sqrt().expand_as(mu)
+    else:
+        sigma = (((shadow - mu) ** 2 * w).sum(0) / count).sqrt()
     return torch.special.log_ndtr((target - mu) / sigma.clamp(min=1e-6))
