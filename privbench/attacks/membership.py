@@ -237,7 +237,8 @@ class LiRA(MembershipAttack):
             scores=scores.numpy(), decisions=(scores > 0).numpy() if p.online else None,
             info={"shadows": p.shadows, "shadow_size": size, "pool": len(pool_images),
                   "candidates_with_in_and_out_shadows": covered,
-                  "scoring": "online" if covered == 1.0 else "offline (one-sided)", "online": p.online, "augment": p.augment, "fixed_variance": p.fixed_variance,
+                  "scoring": ("offline (one-sided)" if not p.online or covered == 0 else
+                              "online" if covered == 1.0 else "online (missing IN/OUT means from the average gap)"), "online": p.online, "augment": p.augment, "fixed_variance": p.fixed_variance,
                   "shadow_training": ensemble.how, "shadow_train_time_s": ensemble.seconds,
                   "data": "candidates are in half of the shadows' pools (online, by design)" if p.online
                   else "shadow pool (auxiliary) disjoint from the candidates"},
@@ -252,25 +253,31 @@ def _online_scores(target: torch.Tensor, shadow: torch.Tensor, inside: torch.Ten
     """log N(target; mu_in, s_in) - log N(target; mu_out, s_out) per candidate; shadow [S, N], inside [S, N].
 
     A candidate that no shadow trained on (or every shadow did) has no IN (OUT)
-    sample: it is scored by the offline one-sided test instead, never against a
-    made-up mean.
+    sample; its missing mean is its other mean shifted by the average IN - OUT
+    gap of the candidates that have both. If no candidate has both, every
+    candidate is scored by the offline one-sided test.
     """
     w_in, w_out = inside.double(), (~inside).double()
     both = (w_in.sum(0) > 0) & (w_out.sum(0) > 0)
     mu_in = (shadow * w_in).sum(0) / w_in.sum(0).clamp(min=1)
     mu_out = (shadow * w_out).sum(0) / w_out.sum(0).clamp(min=1)
+    if not bool(both.any()):
+        return _offline_scores(target, shadow, fixed, weights=w_out)
+    has_in, has_out = w_in.sum(0) > 0, w_out.sum(0) > 0
+    gap = (mu_in - mu_out)[both].mean()
+    mu_in = torch.where(has_in, mu_in, mu_out + gap)
+    mu_out = torch.where(has_out, mu_out, mu_in - gap)
     if fixed:
         s_in = ((shadow - mu_in) ** 2 * w_in).sum().div(w_in.sum().clamp(min=1)).sqrt().expand_as(mu_in)
         s_out = ((shadow - mu_out) ** 2 * w_out).sum().div(w_out.sum().clamp(min=1)).sqrt().expand_as(mu_out)
     else:
         s_in = (((shadow - mu_in) ** 2 * w_in).sum(0) / w_in.sum(0).clamp(min=1)).sqrt()
         s_out = (((shadow - mu_out) ** 2 * w_out).sum(0) / w_out.sum(0).clamp(min=1)).sqrt()
+    if not fixed:  # candidates without IN (OUT) samples take the mean per-example spread
+        s_in = torch.where(has_in & (s_in > 0), s_in, s_in[has_in].mean())
+        s_out = torch.where(has_out & (s_out > 0), s_out, s_out[has_out].mean())
     s_in, s_out = s_in.clamp(min=1e-6), s_out.clamp(min=1e-6)
-    online = _gauss_logpdf(target, mu_in, s_in) - _gauss_logpdf(target, mu_out, s_out)
-    if bool(both.all()):
-        return online
-    # Different statistics on one scale would not be comparable: fall back to offline for every candidate.
-    return _offline_scores(target, shadow, fixed, weights=w_out)
+    return _gauss_logpdf(target, mu_in, s_in) - _gauss_logpdf(target, mu_out, s_out)
 
 
 def _offline_scores(
