@@ -67,3 +67,41 @@ def test_list_shows_components_and_origins():
         assert name in result.output
     assert "built-in" in result.output
     assert invoke("list", "attackz").exit_code == 2
+
+
+def test_dp_bad_input_exits_2_and_stores_nothing(bench_home, monkeypatch):
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    from privbench import registry
+    from privbench.store import Store
+
+    @dataclass(frozen=True)
+    class NoParams:
+        pass
+
+    class Unfixable:
+        """Spectral norm keeps buffers in a trainable Linear, which Opacus's fixers do not replace."""
+
+        Params = NoParams
+
+        @staticmethod
+        def build(params, channels, image_size, num_classes):
+            linear = nn.Linear(channels * image_size * image_size, num_classes)
+            return nn.Sequential(nn.Flatten(), nn.utils.spectral_norm(linear))
+
+    entry = registry.Entry("unfixable", Unfixable, registry.Origin("builtin", __name__))
+    monkeypatch.setitem(registry.models._entries, "unfixable", entry)
+    dp = ["run", "--defense", "dp", "--attack", "dlg", *TINY]
+    cases = [
+        (["--defense-param", "epsilon=0"], "epsilon must be > 0"),
+        (["--defense-param", "epsilon=-1"], "epsilon must be > 0"),
+        (["--defense-param", "max_grad_norm=0"], "max_grad_norm must be"),
+        (["--model", "unfixable"], "cannot train this model with DP-SGD"),
+    ]
+    for extra, message in cases:
+        result = invoke(*dp, *extra)
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert Store().counts() == {}
