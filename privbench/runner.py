@@ -201,6 +201,7 @@ def _model_observation(defense, surface, target, parts, ctx, num_classes):
     import numpy as np
     import torch
 
+    from privbench.datasets import ImageDataset
     from privbench.defenses.base import FitContext
     from privbench.models import build_model
 
@@ -211,8 +212,6 @@ def _model_observation(defense, surface, target, parts, ctx, num_classes):
     members, nonmembers = parts.members, parts.nonmembers
     n = len(members)
     order = rng.permutation(n + len(nonmembers))
-    from privbench.datasets import ImageDataset
-
     pooled = ImageDataset(
         torch.cat([members.images, nonmembers.images]), torch.cat([members.labels, nonmembers.labels]),
         members.class_names, members.ids + nonmembers.ids, members.provenance,
@@ -243,12 +242,18 @@ def _model_observation(defense, surface, target, parts, ctx, num_classes):
 
 
 def _score_membership(output, is_member, result: RunResult, staging: Path) -> None:
-    from privbench.metrics.membership import membership_metrics
+    import numpy as np
+
+    from privbench.metrics.membership import dp_bound_check, membership_metrics
 
     if output.scores is None or len(output.scores) != len(is_member):
         raise RuntimeError(f"membership attack returned {None if output.scores is None else len(output.scores)} "
                            f"scores for {len(is_member)} candidates")
     metrics, reasons, roc = membership_metrics(output.scores, is_member, output.decisions)
+    epsilon, delta = result.costs.get("epsilon_spent"), result.costs.get("delta")
+    if isinstance(epsilon, (int, float)) and isinstance(delta, (int, float)):
+        n_in = int(np.sum(is_member))
+        metrics.update(dp_bound_check(roc, float(epsilon), float(delta), n_in, len(is_member) - n_in))
     result.metrics.update(metrics)
     if reasons:
         result.info.setdefault("unavailable_metrics", {}).update(reasons)

@@ -93,3 +93,24 @@ def test_empty_nonmember_split_is_rejected(bench_home):
 
     with pytest.raises(DatasetError):
         run(RunConfig(attack="loss-threshold", split=SplitSpec(members=500, nonmembers=0), **TINY), Store())
+
+
+def test_dp_bound_check_flags_roc_points_beyond_the_bound():
+    from privbench.metrics.membership import dp_bound_check
+
+    fine = {"fpr": [0.0, 0.1, 0.5, 1.0], "tpr": [0.0, 0.12, 0.55, 1.0]}
+    assert dp_bound_check(fine, 1.0, 1e-5, 1000, 1000)["dp_bound_violations"] == 0
+    broken = {"fpr": [0.0, 0.01, 1.0], "tpr": [0.0, 0.9, 1.0]}
+    result = dp_bound_check(broken, 0.5, 1e-5, 1000, 1000)
+    assert result["dp_bound_violations"] >= 1 and result["empirical_epsilon_lower_bound"] > 2
+    # the same point on 20 samples is within sampling error of the bound at FPR 0
+    assert dp_bound_check({"fpr": [0.0, 0.0, 1.0], "tpr": [0.0, 0.1, 1.0]}, 1.0, 1e-5, 20, 20)["dp_bound_violations"] == 0
+
+
+def test_membership_against_dp_respects_the_dp_bounds(bench_home):
+    result = run(RunConfig(attack="loss-threshold", defense="dp", image_size=16, model="convnet",
+                           defense_params={"epochs": 2, "epsilon": 1.0}), Store())
+    assert result.status == "ok", result.error
+    m = result.metrics
+    assert m["dp_bound_violations"] == 0 and m["accountant_epsilon"] <= 1.0
+    assert 0 <= m["empirical_epsilon_lower_bound"]

@@ -8,6 +8,8 @@ positives, so it is None with the reason.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 FPR_TARGETS = (0.01, 0.001)
@@ -79,3 +81,36 @@ def membership_metrics(
             metrics[f"{name}_ci"] = [float(v) for v in np.percentile(boot_arr[:, k], [2.5, 97.5])]
     roc = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": [float(x) for x in thresholds]}
     return metrics, reasons, roc
+
+
+def dp_bound_check(roc: dict, epsilon: float, delta: float, n_members: int, n_nonmembers: int) -> dict:
+    """Check every ROC point against the (epsilon, delta)-DP hypothesis-testing bounds.
+
+    Any attack on an (eps, delta)-DP mechanism satisfies TPR <= e^eps FPR + delta
+    and 1 - TPR >= e^-eps (1 - FPR - delta) (Kairouz et al., 2015). Both are
+    evaluated at the point's conservative corner: TPR at the lower and FPR at
+    the upper end of their 95% Clopper-Pearson intervals, so that sampling noise
+    at the ends of the curve is not called a violation (a gross-error check, not
+    a test). The same corners give the empirical epsilon lower bound, the max
+    over points of log((TPR - delta) / FPR) and log((1 - FPR - delta) / (1 - TPR)).
+    """
+    from scipy.stats import beta
+
+    fpr, tpr = np.asarray(roc["fpr"]), np.asarray(roc["tpr"])
+    k_in, k_out = np.rint(tpr * n_members), np.rint(fpr * n_nonmembers)
+    tpr_low = np.where(k_in > 0, beta.ppf(0.025, k_in, n_members - k_in + 1), 0.0)
+    fpr_high = np.where(k_out < n_nonmembers, beta.ppf(0.975, k_out + 1, n_nonmembers - k_out), 1.0)
+    if math.isfinite(epsilon):
+        first = tpr_low > np.exp(epsilon) * fpr_high + delta
+        second = 1 - tpr_low < np.exp(-epsilon) * (1 - fpr_high - delta)
+        violations = int(np.count_nonzero(first | second))
+    else:
+        violations = 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lower = np.concatenate([np.log((tpr_low - delta) / fpr_high), np.log((1 - fpr_high - delta) / (1 - tpr_low))])
+    lower = lower[np.isfinite(lower)]
+    return {
+        "dp_bound_violations": violations,
+        "empirical_epsilon_lower_bound": float(max(lower.max(), 0.0)) if lower.size else 0.0,
+        "accountant_epsilon": epsilon,
+    }
