@@ -86,6 +86,24 @@ class Defense(ABC):
         return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "params": dataclasses.asdict(self.params)}
 
 
+def fit_plainly(model: nn.Module, members: "ImageDataset", params: Any, ctx: FitContext, stage: str = "train") -> Target:
+    """Plain supervised training of ``model`` under ``params`` (TrainParams), as a Target with its utility."""
+    import copy
+
+    from privbench.training import accuracy, train_classifier
+
+    initial_state = copy.deepcopy(model.state_dict())
+    progress = (lambda done, total: ctx.progress(stage, done, total)) if ctx.progress else None
+    record = train_classifier(model, members, params, ctx.seeds["train"], progress)
+    return Target(
+        model=model.eval(),
+        initial_state=initial_state,
+        training=record,
+        utility={"accuracy": accuracy(model, ctx.nonmembers)},
+        costs={"train_time_s": record["train_time_s"]},
+    )
+
+
 def model_at_round(target: Target, build_model: Callable[[], nn.Module], round_: str) -> nn.Module:
     """A copy of the global model at ``round_`` (``init`` or ``trained``), in train mode."""
     model = build_model()

@@ -46,10 +46,11 @@ from privbench.defenses.base import (
     FitContext,
     Target,
     client_gradients,
+    fit_plainly,
     gradient_observation,
 )
 from privbench.threat import Observation, Surface, Victim
-from privbench.training import TrainParams, accuracy, make_optimizer, train_classifier
+from privbench.training import TrainParams, accuracy, make_optimizer
 
 if TYPE_CHECKING:
     from privbench.datasets import ImageDataset
@@ -397,17 +398,9 @@ class FixedArchitectureTraining(Defense):
 
     def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:
         fixed, changes = fix_model(model)
-        initial_state = copy.deepcopy(fixed.state_dict())
-        progress = (lambda done, total: ctx.progress("train twin", done, total)) if ctx.progress else None
-        record = train_classifier(fixed, members, self.params, ctx.seeds["train"], progress)
-        record["module_changes"] = changes
-        return Target(
-            model=fixed.eval(),
-            initial_state=initial_state,
-            training=record,
-            utility={"accuracy": accuracy(fixed, ctx.nonmembers)},
-            costs={"train_time_s": record["train_time_s"]},
-        )
+        target = fit_plainly(fixed, members, self.params, ctx, stage="train twin")
+        target.training["module_changes"] = changes
+        return target
 
     def observe(self, surface: Surface, target: Target, victim: Victim, ctx: FitContext) -> Observation:
         if surface is Surface.GRADIENTS:

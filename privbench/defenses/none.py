@@ -13,11 +13,12 @@ from privbench.defenses.base import (
     FitContext,
     Target,
     client_gradients,
+    fit_plainly,
     gradient_observation,
     model_at_round,
 )
 from privbench.threat import Observation, Surface, Victim
-from privbench.training import TrainParams, accuracy, train_classifier
+from privbench.training import TrainParams
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,7 @@ class NoDefense(Defense):
     protects = frozenset()
 
     def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:
-        initial_state = copy.deepcopy(model.state_dict())
-        progress = (lambda done, total: ctx.progress("train", done, total)) if ctx.progress else None
-        record = train_classifier(model, members, self.params, ctx.seeds["train"], progress)
-        return Target(
-            model=model.eval(),
-            initial_state=initial_state,
-            training=record,
-            utility={"accuracy": accuracy(model, ctx.nonmembers)},
-            costs={"train_time_s": record["train_time_s"]},
-        )
+        return fit_plainly(model, members, self.params, ctx)
 
     def plain_training_recipe(self) -> dict:
         import dataclasses
