@@ -283,7 +283,7 @@ def _load_or_fit(defense, fresh_model, members, ctx, cache_dir: Path, result: Ru
         try:
             state = torch.load(weights, weights_only=True)
             record = json.loads(meta.read_text())
-            model = fresh_model()
+            model = defense.released_architecture(fresh_model())
             model.load_state_dict(state["trained"])
             target = Target(model.eval(), state["initial"], record["training"], record["utility"], record["costs"])
             return target, {"cache_key": key, "cached": True, **record}

@@ -319,3 +319,18 @@ def test_runner_stores_budget_and_accuracy_drop(bench_home):
     assert m["accuracy_drop"] == pytest.approx(m["twin_accuracy"] - m["target_accuracy"])
     assert row.info["observation"]["noise_multiplier"] == row.costs["noise_multiplier"]
     assert registry.defenses.entry("dp").origin.source == "builtin"
+
+
+def test_cached_dp_target_of_a_batchnorm_model_is_reused(bench_home):
+    from privbench.config import RunConfig
+    from privbench.runner import RunOptions, run
+    from privbench.store import Store
+
+    cfg = dict(defense="dp", model="resnet", image_size=16, attack_params={"steps": 2, "restarts": 1},
+               defense_params={"epochs": 1, "epsilon": 8.0})
+    first = run(RunConfig(**cfg), Store())
+    assert first.status == "ok", first.error
+    assert not first.info["target"]["cached"]
+    again = run(RunConfig(**cfg), Store(), RunOptions(force=True))
+    assert again.info["target"]["cached"] and again.info["twin"]["cached"]
+    assert again.metrics["target_accuracy"] == first.metrics["target_accuracy"]

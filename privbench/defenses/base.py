@@ -75,6 +75,14 @@ class Defense(ABC):
         """
         return None
 
+    def released_architecture(self, model: nn.Module) -> nn.Module:
+        """The architecture the defense actually trains and releases, given a fresh model.
+
+        The runner loads cached weights into it, so a defense that changes the
+        architecture (dp: BatchNorm -> GroupNorm) must say so here.
+        """
+        return model
+
     def plain_training_recipe(self) -> dict[str, Any] | None:
         """The TrainParams (as a dict) if this defense is plain training, so shadows can mimic it cheaply; else None."""
         return None

@@ -308,6 +308,9 @@ class DPSGD(Defense):
     protects = frozenset({Surface.GRADIENTS, Surface.MODEL_WHITEBOX, Surface.MODEL_QUERIES})
     stochastic = True
 
+    def released_architecture(self, model: nn.Module) -> nn.Module:
+        return fix_model(model)[0]
+
     def __init__(self, params: DPParams):
         if importlib.util.find_spec("opacus") is None:  # checked without importing it
             raise ConfigError("the dp defense needs Opacus: pip install 'privbench[dp]' (opacus>=1.5)")
@@ -395,6 +398,9 @@ class FixedArchitectureTraining(Defense):
 
     Params = TrainParams
     description = "Plain training of the Opacus-fixed architecture (utility twin of dp)."
+
+    def released_architecture(self, model: nn.Module) -> nn.Module:
+        return fix_model(model)[0]
 
     def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:
         fixed, changes = fix_model(model)
