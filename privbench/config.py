@@ -115,11 +115,11 @@ class RunConfig:
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of this config (stable across processes and dict order)."""
-        return _digest(self.to_dict())
+        return digest(self.to_dict())
 
     def cache_key(self, data_fingerprint: str) -> str:
         """Key under which a result is reused: config + data identity + privbench version."""
-        return _digest({"config": self.to_dict(), "data": data_fingerprint, "privbench": __version__})
+        return digest({"config": self.to_dict(), "data": data_fingerprint, "privbench": __version__})
 
     def derived_seeds(self) -> dict[str, int]:
         """Independent seeds for each random choice of the run, all derived from ``seed``."""
@@ -141,7 +141,7 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def _digest(obj: Any) -> str:
+def digest(obj: Any) -> str:
     text = json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 

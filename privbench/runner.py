@@ -90,11 +90,8 @@ def run(
     start = time.perf_counter()
     try:
         _execute(resolved, options, result, staging, progress)
-    except (configlib.ConfigError, datasetlib.DatasetError, registry.RegistryError):
-        _discard(staging)
-        raise
-    except KeyboardInterrupt:
-        _discard(staging)
+    except (configlib.ConfigError, datasetlib.DatasetError, registry.RegistryError, KeyboardInterrupt):
+        _discard(staging)  # bad input or Ctrl-C: nothing is stored
         raise
     except Exception as exc:
         from privbench.attacks.base import AttackError
@@ -266,11 +263,11 @@ def _load_or_fit(defense, fresh_model, members, ctx, cache_dir: Path, result: Ru
     """Train the target under the defense, or load it from the cache keyed by everything that shaped it."""
     import torch
 
-    from privbench.config import _digest
+    from privbench.config import digest
     from privbench.defenses.base import Target
 
     cfg = ctx.config
-    key = _digest(
+    key = digest(
         {
             "defense": defense.identity(), "model": cfg.model,
             "model_params": dict(cfg.model_params), "dataset": cfg.dataset, "data": result.info["data_fingerprint"],

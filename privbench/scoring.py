@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from privbench import datasets as datasetlib
-from privbench.config import RunConfig, _digest
+from privbench.config import RunConfig, digest
 from privbench.datasets import splits as splitlib
 from privbench.metrics import eval_classifier, sets, weights
 from privbench.metrics.perceptual import InceptionFeatures
@@ -30,7 +30,7 @@ def cell_of(row: RunResult) -> dict:
 
 
 def cell_key(row: RunResult) -> str:
-    return _digest(cell_of(row))[:16]
+    return digest(cell_of(row))[:16]
 
 
 @dataclass

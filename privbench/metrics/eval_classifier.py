@@ -48,9 +48,9 @@ class EvalClassifierSpec:
         return f"fd_eval[resnet{self.depth}-d{self.feature_dim}@{self.dataset}]"
 
     def key(self) -> str:
-        from privbench.config import _digest
+        from privbench.config import digest
 
-        return _digest(asdict(self))[:24]
+        return digest(asdict(self))[:24]
 
 
 class EvalNet(nn.Module):
