@@ -183,7 +183,7 @@ def _dist_label(ep: md.EntryPoint) -> str:
 
 defenses: Registry = Registry(
     "defenses",
-    {"none": "privbench.defenses.none", "dp": "privbench.defenses.dp"},
+    {"none": "privbench.defenses.none", "dp": "privbench.defenses.dp", "mple": "privbench.defenses.mple"},
 )
 attacks: Registry = Registry(
     "attacks",
@@ -194,6 +194,9 @@ attacks: Registry = Registry(
         "loss-threshold": "privbench.attacks.membership",
         "shadow": "privbench.attacks.membership",
         "lira": "privbench.attacks.membership",
+        "mple-view": "privbench.attacks.mple",
+        "mple-feature-leak": "privbench.attacks.mple",
+        "mple-known-plaintext": "privbench.attacks.mple",
     },
 )
 datasets: Registry = Registry(
@@ -211,6 +214,7 @@ models: Registry = Registry(
         "lenet": "privbench.models.lenet",
         "convnet": "privbench.models.convnet",
         "resnet": "privbench.models.resnet",
+        "vgg": "privbench.models.vgg",
     },
 )
 metrics: Registry = Registry(

@@ -151,7 +151,8 @@ def _execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pa
             cfg.model, dict(cfg.model_params), cfg.channels, cfg.image_size, data.num_classes, seeds["init"]
         )
 
-    ctx = FitContext(config=cfg, build_model=fresh_model, nonmembers=parts.nonmembers, seeds=seeds, progress=progress)
+    ctx = FitContext(config=cfg, build_model=fresh_model, nonmembers=parts.nonmembers, seeds=seeds, progress=progress,
+                     members=parts.members)
     target, target_info = _load_or_fit(defense, fresh_model, parts.members, ctx, cache_dir / "targets", result)
     result.info["target"] = target_info
     result.metrics["target_accuracy"] = target.utility.get("accuracy")
@@ -162,11 +163,16 @@ def _execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pa
         result.info["twin"] = twin_info
         result.metrics["twin_accuracy"] = twin_target.utility.get("accuracy")
         result.metrics["accuracy_drop"] = result.metrics["twin_accuracy"] - result.metrics["target_accuracy"]
+        result.costs["twin_train_time_s"] = twin_target.costs.get("train_time_s")
 
-    if attack.surface is Surface.GRADIENTS:
+    if attack.surface in (Surface.GRADIENTS, Surface.SHARED_DATA):
         victim = _choose_victim(parts.members, cfg.victim_batch, seeds["victim"])
         result.info["victim_ids"] = list(victim.ids)
         observation = defense.observe(attack.surface, target, victim, ctx)
+        if attack.surface is Surface.SHARED_DATA:  # the service provider also holds population data
+            import dataclasses
+
+            observation = dataclasses.replace(observation, auxiliary=parts.auxiliary)
     else:
         observation, is_member = _model_observation(defense, attack.surface, target, parts, ctx, data.num_classes)
     result.info["observation"] = {"surface": observation.surface.value, **observation.notes}

@@ -22,6 +22,7 @@ class Surface(str, enum.Enum):
     GRADIENTS = "gradients"  # the update a client shares for the victim batch
     MODEL_WHITEBOX = "model_whitebox"  # the released model's weights and architecture
     MODEL_QUERIES = "model_queries"  # a query function returning the released model's outputs
+    SHARED_DATA = "shared_data"  # what a data provider sends the service that trains on its data
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,37 @@ class GradientUpdate:
     num_classes: int
     round: Literal["init", "trained"]
     loss: str = "cross_entropy(reduction=mean)"
+    # How a point of the model's input space reads as an image [B, C, H, W] to someone without the
+    # defense's secrets; None when the model takes images. MpLe's model takes morphed vectors.
+    read_as_image: "Callable[[torch.Tensor], torch.Tensor] | None" = None
+
+
+@dataclass(frozen=True)
+class SharedData:
+    """The SHARED_DATA surface: what a data provider sends a service that trains on its behalf.
+
+    ``sent`` float32 [B, D]: the victim batch as transmitted (MpLe: morphed, D = padded pixels);
+    ``labels`` int64 [B]: the class labels sent with it (a service cannot train without them).
+    ``first_layer`` float32 [D, F*H'*W']: the first layer sent with the data, as a dense matrix
+    (MpLe: the augmented convolution C_ac); ``first_bias`` [F]; ``feature_shape`` (F, H', W').
+    ``model``: the service's network after the first layer (it trained it). ``image_shape`` (C, H, W)
+    and ``padding`` are public hyperparameters; ``public_kernel`` [F, C, k, k] is the first
+    convolution C_r when it is public, else None. ``known_pairs(n)`` reveals n (original [n, C, H, W],
+    sent [n, D]) pairs of other images from the same provider: only known-plaintext attacks call it.
+    ``corpus`` is the whole training set as the service received it (the victim batch is part of it).
+    """
+
+    sent: "torch.Tensor"
+    labels: "torch.Tensor"
+    first_layer: "torch.Tensor"
+    first_bias: "torch.Tensor"
+    feature_shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int]
+    padding: int
+    model: "nn.Module"
+    public_kernel: "torch.Tensor | None" = None
+    known_pairs: "Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None" = None
+    corpus: "torch.Tensor | None" = None  # [N, D]: every training image the service received, as sent
 
 
 @dataclass(frozen=True)
@@ -50,6 +82,7 @@ class Observation:
 
     surface: Surface
     gradient_update: GradientUpdate | None = None
+    shared: SharedData | None = None
     model: "nn.Module | None" = None
     query: "Callable[[torch.Tensor], torch.Tensor] | None" = None  # images [B,C,H,W] -> logits [B,K]
     auxiliary: "ImageDataset | None" = None  # the attacker's population data (other patients)

@@ -30,6 +30,17 @@ class TrainParams:
             raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
 
 
+@dataclass(frozen=True, eq=False)
+class TensorSet:
+    """Inputs and labels that are not images (e.g. MpLe's morphed vectors): ``images`` [N, ...] (any input), ``labels`` int64 [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
 def make_optimizer(params: TrainParams, tensors: nn.Module | Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     """The optimizer ``params`` names over a model's parameters (or any tensors)."""
     tensors = list(tensors.parameters() if isinstance(tensors, nn.Module) else tensors)
@@ -40,7 +51,7 @@ def make_optimizer(params: TrainParams, tensors: nn.Module | Iterable[torch.Tens
 
 def train_classifier(
     model: nn.Module,
-    data: "ImageDataset",
+    data: "ImageDataset | TensorSet",
     params: TrainParams,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
@@ -76,7 +87,7 @@ def train_classifier(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: "ImageDataset", batch_size: int = 512) -> float:
+def accuracy(model: nn.Module, data: "ImageDataset | TensorSet", batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` (in eval mode) on ``data``, in [0, 1]."""
     was_training = model.training
     model.eval()

@@ -135,6 +135,10 @@ class GradientInversion(Attack):
             runs.append((distance, images, labels, evals))
         best = min(range(len(runs)), key=lambda i: runs[i][0])
         distance, images, labels, _ = runs[best]
+        info = {}
+        if update.read_as_image is not None:  # the model's input is not an image (e.g. morphed vectors)
+            images = update.read_as_image(images.detach())
+            info["read_as_image"] = "reconstructed the model's input, then read it as an image without the defense's secrets"
         return AttackOutput(
             images=torch.nan_to_num(images, nan=0.5).clamp(0, 1),
             labels=labels,
@@ -146,6 +150,7 @@ class GradientInversion(Attack):
                 "chosen_restart": best,
                 "label_rule": p.label,
                 "selection": "lowest final gradient distance (attacker-computable)",
+                **info,
             },
         )
 

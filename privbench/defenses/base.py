@@ -43,6 +43,7 @@ class FitContext:
     nonmembers: "ImageDataset"
     seeds: dict[str, int]
     progress: Callable[[str, int, int], None] | None = None
+    members: "ImageDataset | None" = None  # the training set, for observations of a party that receives it
 
 
 class Defense(ABC):
@@ -146,3 +147,23 @@ def gradient_observation(
         round=cfg.gradient_round,
     )
     return Observation(surface=Surface.GRADIENTS, gradient_update=update, notes=dict(notes))
+
+
+def released_model_observation(surface: Surface, target: Target, defense: str) -> Observation:
+    """MODEL_WHITEBOX (a copy of the released model) or MODEL_QUERIES (its logits) for a defense that passes them through.
+
+    SHARED_DATA is refused: such a defense sends no transformed training data to a service.
+    """
+    import copy
+
+    from privbench.attacks.base import AttackError
+
+    if surface is Surface.SHARED_DATA:
+        raise AttackError(
+            f"defense {defense!r} does not send transformed training data to a service, so there is no "
+            f"shared_data surface to attack (data-transforming defenses such as mple expose it)"
+        )
+    released = copy.deepcopy(target.model).eval()
+    if surface is Surface.MODEL_WHITEBOX:
+        return Observation(surface=surface, model=released)
+    return Observation(surface=surface, query=lambda x: released(x).detach())

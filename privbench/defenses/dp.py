@@ -48,6 +48,7 @@ from privbench.defenses.base import (
     client_gradients,
     fit_plainly,
     gradient_observation,
+    released_model_observation,
 )
 from privbench.threat import Observation, Surface, Victim
 from privbench.training import TrainParams, accuracy, make_optimizer
@@ -383,7 +384,7 @@ class DPSGD(Defense):
                 epsilon_target=self.params.epsilon,
                 epsilon_spent=costs["epsilon_spent"],
             )
-        return _released(surface, target)
+        return released_model_observation(surface, target, "dp")
 
     def utility_twin(self) -> Defense:
         train = {f.name: getattr(self.params, f.name) for f in dataclasses.fields(TrainParams)}
@@ -412,7 +413,7 @@ class FixedArchitectureTraining(Defense):
         if surface is Surface.GRADIENTS:
             model = _fixed_model_at_round(target, ctx)
             return gradient_observation(model, client_gradients(model, victim.images, victim.labels), victim, ctx)
-        return _released(surface, target)
+        return released_model_observation(surface, target, "dp")
 
 
 def _fixed_model_at_round(target: Target, ctx: FitContext) -> nn.Module:
@@ -421,10 +422,3 @@ def _fixed_model_at_round(target: Target, ctx: FitContext) -> nn.Module:
     state = target.initial_state if ctx.config.gradient_round == "init" else target.model.state_dict()
     model.load_state_dict(state)
     return model.train()
-
-
-def _released(surface: Surface, target: Target) -> Observation:
-    if surface is Surface.MODEL_WHITEBOX:
-        return Observation(surface=surface, model=copy.deepcopy(target.model).eval())
-    released = copy.deepcopy(target.model).eval()
-    return Observation(surface=surface, query=lambda x: released(x).detach())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 from torch import nn
@@ -16,6 +15,7 @@ from privbench.defenses.base import (
     fit_plainly,
     gradient_observation,
     model_at_round,
+    released_model_observation,
 )
 from privbench.threat import Observation, Surface, Victim
 from privbench.training import TrainParams
@@ -46,7 +46,4 @@ class NoDefense(Defense):
         if surface is Surface.GRADIENTS:
             model = model_at_round(target, ctx.build_model, ctx.config.gradient_round)
             return gradient_observation(model, client_gradients(model, victim.images, victim.labels), victim, ctx)
-        if surface is Surface.MODEL_WHITEBOX:
-            return Observation(surface=surface, model=copy.deepcopy(target.model))
-        released = copy.deepcopy(target.model).eval()
-        return Observation(surface=surface, query=lambda x: released(x).detach())
+        return released_model_observation(surface, target, "none")

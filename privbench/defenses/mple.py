@@ -1,0 +1,334 @@
+"""MpLe (Onesimu & Karthikeyan 2021), after MoLe (Wang et al., KDD 2018): morphed images and an
+augmented first convolution.
+
+Protocol and threat model
+-------------------------
+Parties: a **data provider** (the hospital) and a **service provider** that trains a network for it.
+
+- The provider holds the first convolution ``C_r`` (frozen: the model's seeded initialization, or
+  the first layer of ImageNet VGG-16; public by default, secret with ``cr_secret=true``), one
+  secret invertible matrix ``M`` [D, D] (D = padded pixels, 1156 for 1x32x32 with padding 1) and a
+  secret permutation of C_r's output channels. Real patient images touch only the provider's side
+  in clear.
+- The provider sends, for every training image ``d`` (and every image it later asks about), the
+  morphed ``t = pad(d) M`` [D], and once the augmented layer ``C_ac = M^-1 W_r P`` (C_r as a dense
+  matrix with permuted output channels, plus C_r's permuted bias).
+- The service provider trains the rest of the network on ``t`` with ``C_ac`` frozen as its first
+  layer; ``t C_ac`` equals the permuted first-layer features of ``d``, so nothing is lost.
+
+Surfaces: SHARED_DATA is the service provider's view (the victim batch's ``t``, ``C_ac``, the
+trained network after the first layer, C_r's kernel when public; ``M``, the permutation and a
+secret C_r are never in it). GRADIENTS is an outside eavesdropper on the service's training
+updates: gradients of the service network on the morphed victim batch, in morphed space (the
+service itself already holds ``t``, so for it a gradient attack adds nothing). MODEL_WHITEBOX /
+MODEL_QUERIES: the end-to-end model on images (morphing then the service network), which is the
+same function as C_r, the permutation and the trained rest; MpLe does not protect it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from privbench import registry
+from privbench.config import ConfigError, derive_seed
+from privbench.defenses import morphing
+from privbench.defenses.base import (
+    Defense,
+    FitContext,
+    Target,
+    client_gradients,
+    fit_plainly,
+    gradient_observation,
+    released_model_observation,
+)
+from privbench.defenses.morphing import AugmentedConv, ConvGeometry, MorphingError, PermutedConv
+from privbench.threat import Observation, SharedData, Surface, Victim
+from privbench.training import TensorSet, TrainParams, accuracy, train_classifier
+
+
+@dataclass(frozen=True)
+class FirstLayerParams:
+    """How the provider's frozen first convolution C_r is chosen."""
+
+    first_layer: Literal["random", "vgg16-imagenet"] = "random"  # seeded init, or VGG-16's (needs 64 3x3 filters)
+
+
+@dataclass(frozen=True)
+class MpLeParams(TrainParams, FirstLayerParams):
+    matrix: Literal["orthogonal", "gaussian"] = "orthogonal"  # kind of the secret morphing matrix M
+    max_condition: float = 1e4  # a gaussian M is redrawn until its condition number is below this
+    cr_secret: bool = False  # keep C_r from the service provider (only C_ac reveals it)
+    max_memory_gb: float = 0.0  # refuse configurations whose matrices need more; 0: half the available memory
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_condition <= 1 or self.max_memory_gb < 0:
+            raise ValueError("max_condition must be > 1 and max_memory_gb >= 0")
+
+
+@dataclass
+class Secrets:
+    """What the data provider keeps: M [D, D] float64, the channel permutation [F], and their geometry."""
+
+    matrix: torch.Tensor
+    condition: float
+    permutation: torch.Tensor
+    geometry: ConvGeometry
+
+
+def split_first_conv(model: nn.Module) -> tuple[nn.Conv2d, list[nn.Module]]:
+    """The first convolution (applied to the image) and the rest of a sequential model."""
+    if not isinstance(model, nn.Sequential) or not isinstance(model[0], nn.Conv2d):
+        raise ConfigError(
+            f"mple needs a sequential model whose first layer is a Conv2d on the image (convnet, vgg); "
+            f"got {type(model).__name__}. Use --model convnet or --model vgg."
+        )
+    return model[0], list(model)[1:]
+
+
+def permute_leading_channels(rest: list[nn.Module], permutation: torch.Tensor) -> None:
+    """Permute, in place, the input channels of ``rest`` up to its first convolution, so that
+    ``rest(x[:, permutation])`` computes what the unpermuted ``rest(x)`` did."""
+    for module in rest:
+        if isinstance(module, nn.Conv2d):
+            with torch.no_grad():
+                module.weight.copy_(module.weight[:, permutation])
+            return
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                for tensor in (module.weight, module.bias, module.running_mean, module.running_var):
+                    if tensor is not None:
+                        tensor.copy_(tensor[permutation])
+            continue
+        if not isinstance(module, (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout)):
+            raise ConfigError(f"mple cannot carry the channel permutation through {type(module).__name__}")
+
+
+def prepare_first_layer(model: nn.Module, params: FirstLayerParams) -> nn.Conv2d:
+    """Set C_r (seeded init or VGG-16's first layer) and freeze it; returns it."""
+    conv, _ = split_first_conv(model)
+    if params.first_layer == "vgg16-imagenet":
+        from privbench.metrics.weights import WeightsMissing, load_state_dict
+
+        if conv.out_channels != 64 or conv.kernel_size != (3, 3) or conv.in_channels not in (1, 3):
+            raise ConfigError("first_layer=vgg16-imagenet needs a first conv of 64 3x3 filters on 1 or 3 channels "
+                              "(--model vgg, or --model convnet --model-param width=64)")
+        try:
+            state = load_state_dict("vgg16")
+        except WeightsMissing as exc:
+            raise ConfigError(f"mple first_layer=vgg16-imagenet: {exc}") from exc
+        weight = state["features.0.weight"]
+        if conv.in_channels == 1:  # a gray image is R = G = B: the filter on it is the sum over RGB
+            weight = weight.sum(1, keepdim=True)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            conv.bias.copy_(state["features.0.bias"])
+    conv.requires_grad_(False)
+    return conv
+
+
+def check_memory(geometry: ConvGeometry, limit_gb: float) -> None:
+    """Refuse before allocating: building C_ac needs it in float64 and in float32 (plus M and M^-1)."""
+    needed = geometry.dense_bytes(torch.float64) + geometry.dense_bytes(torch.float32) + 2 * 8 * geometry.padded**2
+    limit = limit_gb * 1e9 if limit_gb > 0 else morphing.available_memory_bytes() / 2
+    if needed > limit:
+        raise ConfigError(
+            f"mple: C_ac for {geometry.describe()} is {geometry.padded} x {geometry.features} floats "
+            f"({geometry.dense_bytes() / 1e6:.0f} MB in float32); building it needs {needed / 1e9:.2f} GB, over the "
+            f"limit of {limit / 1e9:.2f} GB. Use a smaller --image-size or model width, or raise max_memory_gb."
+        )
+
+
+class MorphedService(nn.Module):
+    """The service provider's network: C_ac (frozen) on morphed vectors [B, D] (or [B, 1, 1, D]), then the rest."""
+
+    def __init__(self, first: AugmentedConv, rest: list[nn.Module]):
+        super().__init__()
+        self.first = first
+        self.rest = nn.Sequential(*rest)
+
+    def forward(self, morphed: torch.Tensor) -> torch.Tensor:
+        return self.rest(self.first(morphed.flatten(1)))
+
+
+@registry.defenses.register("mple")
+class MpLe(Defense):
+    """MpLe morphing defense; the protocol and threat model are in the module docstring."""
+
+    Params = MpLeParams
+    description = (
+        "MpLe/MoLe morphing: provider sends t = d M (secret invertible M) and C_ac = M^-1 C_r P; the service trains "
+        "on t. Real images stay with the provider; the service sees t, C_ac, its model (and C_r unless cr_secret). "
+        "Released model unprotected."
+    )
+    protects = frozenset({Surface.SHARED_DATA, Surface.GRADIENTS})
+
+    def released_architecture(self, model: nn.Module) -> nn.Module:
+        conv, rest = split_first_conv(model)
+        return nn.Sequential(PermutedConv(conv, torch.arange(conv.out_channels)), *rest)
+
+    def secrets(self, conv: nn.Conv2d, image_shape: tuple[int, int, int], seed: int) -> Secrets:
+        """The provider's M and permutation, derived from the run's seed (reproducible, never stored)."""
+        geometry = ConvGeometry.of(conv, image_shape)
+        check_memory(geometry, self.params.max_memory_gb)
+        matrix, condition = morphing.secret_matrix(
+            geometry.padded, self.params.matrix, derive_seed(seed, "mple-matrix"), self.params.max_condition)
+        generator = torch.Generator().manual_seed(derive_seed(seed, "mple-permutation"))
+        return Secrets(matrix, condition, torch.randperm(conv.out_channels, generator=generator), geometry)
+
+    def morph(self, images: torch.Tensor, secrets: Secrets) -> torch.Tensor:
+        """t = pad(d) M: [B, C, H, W] -> float32 [B, D] (computed in float64)."""
+        try:
+            flat = morphing.pad_flat(images, secrets.geometry)
+        except MorphingError as exc:
+            raise ConfigError(f"mple: {exc}") from exc
+        return (flat.double() @ secrets.matrix).float()
+
+    def augmented(self, conv: nn.Conv2d, secrets: Secrets) -> AugmentedConv:
+        geometry = secrets.geometry
+        c_ac = morphing.augmented_layer(secrets.matrix, conv.weight.detach(), secrets.permutation, geometry)
+        return AugmentedConv(c_ac.float(), conv.bias.detach()[secrets.permutation].clone(), geometry.feature_shape)
+
+    def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:
+        p: MpLeParams = self.params
+        conv = prepare_first_layer(model, p)
+        _, rest = split_first_conv(model)
+        t0 = time.perf_counter()
+        secrets = self.secrets(conv, members.image_shape, ctx.config.seed)
+        first = self.augmented(conv, secrets)
+        setup_s = time.perf_counter() - t0
+        # The service's own init, with its input channels permuted: the same function as the plain model at
+        # init (an equally random start), so MpLe and its twin differ only by the morphing.
+        permute_leading_channels(rest, secrets.permutation)
+        service = MorphedService(first, rest)
+        released = nn.Sequential(PermutedConv(conv, secrets.permutation), *rest)
+        initial_state = copy.deepcopy(released.state_dict())
+
+        t0 = time.perf_counter()
+        morphed = self.morph(members.images, secrets)
+        morph_s = time.perf_counter() - t0
+        progress = (lambda done, total: ctx.progress("train", done, total)) if ctx.progress else None
+        record = train_classifier(service, TensorSet(morphed, members.labels), p, ctx.seeds["train"], progress)
+        nonmembers_morphed = self.morph(ctx.nonmembers.images, secrets)
+        service_accuracy = accuracy(service, TensorSet(nonmembers_morphed, ctx.nonmembers.labels))
+        with torch.no_grad():  # the released image-space model must compute what the service computes on t
+            gap = (service.eval()(nonmembers_morphed[:256]) - released.eval()(ctx.nonmembers.images[:256])).abs().max()
+        g = secrets.geometry
+        cr_params = conv.weight.numel() + conv.bias.numel()
+        record.update(condition_number=secrets.condition, released_vs_service_max_logit_diff=float(gap),
+                      first_layer=p.first_layer, geometry=g.describe())
+        return Target(
+            model=released.eval(),
+            initial_state=initial_state,
+            training=record,
+            utility={"accuracy": service_accuracy},
+            costs={
+                "train_time_s": record["train_time_s"],
+                "train_time_per_epoch_s": record["train_time_s"] / max(p.epochs, 1),
+                "setup_time_s": setup_s,
+                "morph_time_per_image_s": morph_s / max(len(members), 1),
+                "bytes_per_image_morphed": g.padded * 4,
+                "bytes_per_image_plain_float32": g.channels * g.height * g.width * 4,
+                "bytes_per_image_plain_uint8": g.channels * g.height * g.width,
+                "cac_parameters": g.padded * g.features + g.out_channels,
+                "cac_bytes": g.dense_bytes() + g.out_channels * 4,
+                "cr_parameters": cr_params,
+                "cr_bytes": cr_params * 4,
+                "condition_number": secrets.condition,
+            },
+        )
+
+    def _service_at_round(self, target: Target, ctx: FitContext) -> tuple[MorphedService, Secrets]:
+        """The service network at ``ctx.config.gradient_round`` (train mode) and the provider's secrets."""
+        released = self.released_architecture(ctx.build_model())
+        state = target.initial_state if ctx.config.gradient_round == "init" else target.model.state_dict()
+        released.load_state_dict(state)
+        conv = released[0].conv  # C_r as trained (seeded or pretrained): its weights come from the state
+        secrets = self.secrets(conv, ctx.nonmembers.image_shape, ctx.config.seed)
+        return MorphedService(self.augmented(conv, secrets), list(released)[1:]).train(), secrets
+
+    def observe(self, surface: Surface, target: Target, victim: Victim | None, ctx: FitContext) -> Observation:
+        if surface not in (Surface.SHARED_DATA, Surface.GRADIENTS):
+            return released_model_observation(surface, target, "mple")
+        service, secrets = self._service_at_round(target, ctx)
+        morphed = self.morph(victim.images, secrets)
+        geometry = secrets.geometry
+        if surface is Surface.GRADIENTS:
+            gradients = client_gradients(service, morphed.reshape(len(morphed), 1, 1, -1), victim.labels)
+            observation = gradient_observation(
+                service, gradients, victim, ctx, observer="outside eavesdropper on the service's training updates",
+                input_space="morphed vectors t [1, 1, D]; read as an image by unpadding without M",
+                note="the service provider itself holds t: for it a gradient attack adds nothing to the mple-* attacks",
+            )
+            update = dataclasses.replace(observation.gradient_update, input_shape=(1, 1, geometry.padded),
+                                         read_as_image=lambda x: morphing.unpad(x.flatten(1), geometry))
+            return dataclasses.replace(observation, gradient_update=update)
+        shared = SharedData(
+            sent=morphed,
+            labels=victim.labels.clone(),
+            first_layer=service.first.dense,
+            first_bias=service.first.bias,
+            feature_shape=geometry.feature_shape,
+            image_shape=(geometry.channels, geometry.height, geometry.width),
+            padding=geometry.padding,
+            model=copy.deepcopy(service.rest).eval(),
+            public_kernel=None if self.params.cr_secret else target.model[0].conv.weight.detach().clone(),
+            known_pairs=self._pair_source(ctx, secrets),
+            corpus=None if ctx.members is None else self.morph(ctx.members.images, secrets),
+        )
+        return Observation(surface=surface, shared=shared, notes={
+            "observer": "service provider", "cr_secret": self.params.cr_secret,
+            "withheld": ["M", "channel permutation"] + (["C_r"] if self.params.cr_secret else []),
+        })
+
+    def _pair_source(self, ctx: FitContext, secrets: Secrets):
+        """n (original, morphed) pairs of the provider's other images (its nonmembers: disjoint from the victims).
+
+        The pool is morphed up front so that the returned function holds no secret, only pairs.
+        """
+        generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, "mple-known-pairs"))
+        originals = ctx.nonmembers.images[torch.randperm(len(ctx.nonmembers), generator=generator)]
+        morphed = self.morph(originals, secrets)
+
+        def known_pairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if n > len(originals):
+                raise ConfigError(f"mple: {n} known pairs asked; the provider's other images number {len(originals)}")
+            return originals[:n].clone(), morphed[:n].clone()
+
+        return known_pairs
+
+    def utility_twin(self) -> Defense:
+        train = {f: getattr(self.params, f) for f in TrainParams.__dataclass_fields__}
+        return FrozenFirstLayerTraining(FrozenFirstLayerParams(**train, first_layer=self.params.first_layer))
+
+
+@dataclass(frozen=True)
+class FrozenFirstLayerParams(TrainParams, FirstLayerParams):
+    pass
+
+
+class FrozenFirstLayerTraining(Defense):
+    """The utility twin of ``mple``: plain training on images with the same frozen C_r (the fair control).
+
+    Not registered: it exists so that ``accuracy_drop`` measures morphing, not the frozen first layer.
+    """
+
+    Params = FrozenFirstLayerParams
+    description = "Plain training with MpLe's frozen first convolution (utility twin of mple)."
+
+    def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:
+        prepare_first_layer(model, self.params)
+        target = fit_plainly(model, members, self.params, ctx, stage="train twin")
+        target.costs["train_time_per_epoch_s"] = target.costs["train_time_s"] / max(self.params.epochs, 1)
+        return target
+
+    def observe(self, surface: Surface, target: Target, victim: Victim | None, ctx: FitContext) -> Observation:
+        return released_model_observation(surface, target, "mple twin")
+
