@@ -1,4 +1,4 @@
-"""Run one gradient-inversion pair over several seeds and summarise PSNR/SSIM/label accuracy.
+"""Run one reconstruction pair (gradient inversion, MpLe attacks) over several seeds; summarise PSNR/SSIM.
 
 Example (the foundation issue's acceptance runs, on the real data):
 
@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0-9")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--attack-param", action="append", default=[])
+    parser.add_argument("--defense-param", action="append", default=[])
+    parser.add_argument("--model-param", action="append", default=[])
+    parser.add_argument("--victim-batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--store", default=None)
     args = parser.parse_args()
@@ -47,6 +50,8 @@ def main() -> None:
             defense=args.defense, attack=args.attack, dataset=args.dataset, model=args.model,
             image_size=args.image_size, channels=args.channels, seed=seed, split_seed=args.split_seed,
             attack_params=parse_assignments(args.attack_param, "--attack-param"),
+            defense_params=parse_assignments(args.defense_param, "--defense-param"),
+            model_params=parse_assignments(args.model_param, "--model-param"), victim_batch=args.victim_batch,
         )
         result = run(config, store, RunOptions(threads=args.threads))
         m = result.metrics

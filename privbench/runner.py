@@ -333,7 +333,7 @@ def _score_lpips(images, baseline_images, truth, result: RunResult, options: Run
 def _score_reconstruction(output, victim, auxiliary, result: RunResult, staging: Path, options: RunOptions) -> None:
     import torch
 
-    from privbench.metrics.image import score_reconstruction
+    from privbench.metrics.image import IMAGE_METRICS, score_reconstruction
 
     if output.images is None or output.images.shape != victim.images.shape:
         raise RuntimeError(
@@ -341,6 +341,9 @@ def _score_reconstruction(output, victim, auxiliary, result: RunResult, staging:
             f"expected {tuple(victim.images.shape)}"
         )
     result.metrics.update(score_reconstruction(output.images, output.labels, victim.images, victim.labels))
+    result.info["per_image"] = {  # the metrics above are batch means; medians and spreads need these
+        m.name: [float(v) for v in m(output.images, victim.images)] for m in IMAGE_METRICS
+    }
     # Trivial baseline: the auxiliary split's mean image and majority label, scored the same way.
     mean_image = auxiliary.images.mean(0, keepdim=True).expand_as(victim.images)
     majority = torch.bincount(auxiliary.labels, minlength=auxiliary.num_classes).argmax()
