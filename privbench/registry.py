@@ -183,7 +183,8 @@ def _dist_label(ep: md.EntryPoint) -> str:
 
 defenses: Registry = Registry(
     "defenses",
-    {"none": "privbench.defenses.none", "dp": "privbench.defenses.dp", "mple": "privbench.defenses.mple"},
+    {"none": "privbench.defenses.none", "dp": "privbench.defenses.dp", "mple": "privbench.defenses.mple",
+     "gascnn": "privbench.defenses.gascnn.defense"},
 )
 attacks: Registry = Registry(
     "attacks",
@@ -191,6 +192,8 @@ attacks: Registry = Registry(
         "dlg": "privbench.attacks.gradient_inversion",
         "idlg": "privbench.attacks.gradient_inversion",
         "invgrad": "privbench.attacks.gradient_inversion",
+        "invgrad-snn": "privbench.attacks.gradient_inversion",
+        "dlg-snn": "privbench.attacks.gradient_inversion",
         "loss-threshold": "privbench.attacks.membership",
         "shadow": "privbench.attacks.membership",
         "lira": "privbench.attacks.membership",

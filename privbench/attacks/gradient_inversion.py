@@ -46,10 +46,13 @@ class GradientInversionParams:
     signed: bool = False  # step on the sign of the image gradient (Adam only)
     boxed: bool = False  # clamp images to [0, 1] after every step
     lr_drops: bool = False  # multiply the learning rate by 0.1 at 3/8, 5/8 and 7/8 of the steps
+    # Expectation over transformation: average the gradient distance over this many forward passes of a
+    # stochastic model (fresh encoder samples each); 1 is the naive single-sample objective.
+    eot_samples: int = 1
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.restarts < 1 or self.lbfgs_max_iter < 1:
-            raise ValueError("steps, restarts and lbfgs_max_iter must be >= 1")
+        if self.steps < 1 or self.restarts < 1 or self.lbfgs_max_iter < 1 or self.eot_samples < 1:
+            raise ValueError("steps, restarts, lbfgs_max_iter and eot_samples must be >= 1")
         if self.lr <= 0 or self.tv_weight < 0:
             raise ValueError("lr must be > 0 and tv_weight >= 0")
         if self.signed and self.optimizer != "adam":
@@ -183,13 +186,15 @@ class GradientInversion(Attack):
             if evals >= limit:
                 raise _BudgetExhausted
             evals += 1
-            logits = model(x)
-            if y is None:
-                loss = F.cross_entropy(logits, fixed_labels)
-            else:
-                loss = torch.mean(torch.sum(-F.softmax(y, -1) * F.log_softmax(logits, -1), 1))
-            dummy = torch.autograd.grad(loss, params, create_graph=True)
-            value = distance_fn(dummy, target)
+            value = 0.0
+            for _ in range(p.eot_samples):
+                logits = model(x)
+                if y is None:
+                    loss = F.cross_entropy(logits, fixed_labels)
+                else:
+                    loss = torch.mean(torch.sum(-F.softmax(y, -1) * F.log_softmax(logits, -1), 1))
+                dummy = torch.autograd.grad(loss, params, create_graph=True)
+                value = value + distance_fn(dummy, target) / p.eot_samples
             if p.tv_weight:
                 value = value + p.tv_weight * total_variation(x)
             grads = torch.autograd.grad(value, leaves)
@@ -237,13 +242,15 @@ class GradientInversion(Attack):
         model = update.model
         params = [q for q in model.parameters() if q.requires_grad]
         images = torch.nan_to_num(images, nan=0.5)
-        logits = model(images)
-        if labels_or_logits.dtype == torch.long:
-            loss = F.cross_entropy(logits, labels_or_logits)
-        else:
-            loss = torch.mean(torch.sum(-F.softmax(labels_or_logits, -1) * F.log_softmax(logits, -1), 1))
-        dummy = torch.autograd.grad(loss, params)
-        value = float(DISTANCES[self.params.distance](dummy, tuple(update.gradients)))
+        value = 0.0
+        for _ in range(self.params.eot_samples):
+            logits = model(images)
+            if labels_or_logits.dtype == torch.long:
+                loss = F.cross_entropy(logits, labels_or_logits)
+            else:
+                loss = torch.mean(torch.sum(-F.softmax(labels_or_logits, -1) * F.log_softmax(logits, -1), 1))
+            dummy = torch.autograd.grad(loss, params)
+            value += float(DISTANCES[self.params.distance](dummy, tuple(update.gradients))) / self.params.eot_samples
         return value if value == value else float("inf")
 
 
@@ -272,3 +279,46 @@ class InvertingGradients(GradientInversion):
         "Inverting Gradients (Geiping et al. 2020): cosine distance, TV prior, signed Adam with lr drops; "
         "works on ReLU networks."
     )
+
+
+@dataclass(frozen=True)
+class SNNInvertingGradientsParams(InvertingGradientsParams):
+    eot_samples: int = 4
+
+
+@dataclass(frozen=True)
+class SNNDLGParams(GradientInversionParams):
+    eot_samples: int = 4
+
+
+class _SpikingAdaptive(GradientInversion):
+    """Adaptive variants for spiking targets: they require the model to be a spiking network (T, encoder)."""
+
+    def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
+        update = observation.gradient_update
+        if update is None or not hasattr(update.model, "timesteps") or not hasattr(update.model, "encoding"):
+            raise AttackError(f"{self.registry_name} attacks spiking networks (a model with timesteps and an "
+                              f"encoder, e.g. the gascnn defense); this target is not one")
+        output = super().run(observation, budget, progress)
+        output.info["adaptive"] = (
+            f"same T={update.model.timesteps} and surrogate as the client; {update.model.encoding} encoder; "
+            f"objective averaged over {self.params.eot_samples} encoder samples (EOT), sampling passed straight "
+            f"through (the gradient of the expected, rate-coded input)"
+        )
+        return output
+
+
+@registry.attacks.register("invgrad-snn")
+class SNNInvertingGradients(_SpikingAdaptive):
+    """Inverting Gradients against a spiking network, with EOT over the input encoder."""
+
+    Params = SNNInvertingGradientsParams
+    description = "Inverting Gradients adapted to SNNs: EOT over encoder samples, straight-through rate input."
+
+
+@registry.attacks.register("dlg-snn")
+class SNNDLG(_SpikingAdaptive):
+    """DLG against a spiking network, with EOT over the input encoder."""
+
+    Params = SNNDLGParams
+    description = "DLG adapted to SNNs: EOT over encoder samples, straight-through rate input."

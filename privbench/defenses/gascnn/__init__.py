@@ -1,0 +1,1 @@
+"""GASCNN: teacher ResNet, data-free synthesis, ResNet-to-SNN conversion, spike learning."""

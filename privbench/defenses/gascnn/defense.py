@@ -1,0 +1,362 @@
+"""GASCNN (Khowaja et al., IEEE JBHI 2023), built after PrivateSNN (Kim et al., AAAI 2022).
+
+Stages (each timed, each cached on disk by the hash of everything that shaped it):
+1. **Teacher**: a small ResNet trained on the members by the data owner.
+2. **Synthesis**: a class-conditional generator trained against the frozen teacher's feature-map
+   (BatchNorm) statistics and confident, balanced predictions; it yields a labelled synthetic set.
+3. **Conversion**: BatchNorm folded, ReLU -> integrate-and-fire (snntorch Leaky, beta=1, reset by
+   subtraction), thresholds balanced on the synthetic set only.
+4. **Spike learning**: surrogate-gradient fine-tuning through time on the synthetic set only,
+   distilling the teacher's outputs, at the release T and encoding.
+Stages 2-4 never read the members.
+
+Threat model. Real patient data touched the members split and, through stage 1, the teacher
+only. The teacher is trained by the data owner and never leaves it: no surface exposes it (the
+defense's trust assumption). MODEL_WHITEBOX / MODEL_QUERIES: the released SNN (stage 4), built
+from synthetic images. GRADIENTS: an IoMT client fine-tunes the released SNN on its own real batch
+by spike learning and shares the gradient of the SNN's cross-entropy, computed through the T steps
+with the encoder (Poisson sampling passed straight through) and the surrogate spike gradient; the
+attacker gets a copy of the SNN whose encoder draws its own samples. ``round=trained`` is the
+released SNN; ``round=init`` the converted SNN before spike learning.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from privbench import registry
+from privbench.config import ConfigError, derive_seed, digest
+from privbench.defenses.base import (
+    Defense,
+    FitContext,
+    Target,
+    client_gradients,
+    fit_plainly,
+    gradient_observation,
+    released_model_observation,
+)
+from privbench.defenses.gascnn.snn import SpikeRecord, SpikingResNet, ann_energy_pj, balanced_thresholds
+from privbench.defenses.gascnn.synthesis import SynthesisParams, synthesize, train_generator
+from privbench.models.resnet import SmallResNet
+from privbench.threat import Observation, Surface, Victim
+from privbench.training import TrainParams, accuracy
+
+PERCENTILE_CANDIDATES = (98.0, 99.0, 99.5, 99.9, 99.99, 100.0)
+
+
+@dataclass(frozen=True)
+class GASCNNParams(TrainParams):
+    """Teacher training (TrainParams), then synthesis, conversion and spike-learning settings."""
+
+    synthesis_steps: int = 800
+    generator_width: int = 32
+    synthetic_size: int = 4000
+    validation_fraction: float = 0.1  # part of the synthetic set used to select the threshold percentile
+    encoding: Literal["direct", "poisson"] = "direct"
+    timesteps: int = 16  # T of spike learning and of the released SNN
+    percentile: float = 0.0  # threshold balancing percentile; 0: select from 99..100 on the synthetic validation
+    finetune_epochs: int = 2
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 64
+    distill_temperature: float = 4.0
+    surrogate_slope: float = 2.0  # atan surrogate steepness
+    curve: str = "4,8,16,32,64"  # T values of the accuracy / energy curve ("" for none)
+    curve_images: int = 500  # nonmembers evaluated per curve point (0: all); the release accuracy uses all
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.timesteps < 1 or self.synthetic_size < 10 or not 0 < self.validation_fraction < 1:
+            raise ValueError("timesteps >= 1, synthetic_size >= 10 and 0 < validation_fraction < 1 are required")
+        if self.percentile and not 50 <= self.percentile <= 100:
+            raise ValueError("percentile must be in [50, 100] (or 0 to select it)")
+        try:
+            _ = self.curve_timesteps
+        except ValueError as exc:
+            raise ValueError(f"curve must be comma-separated positive integers, got {self.curve!r}") from exc
+
+    @property
+    def curve_timesteps(self) -> list[int]:
+        values = [int(v) for v in self.curve.split(",") if v.strip()]
+        if any(v < 1 for v in values):
+            raise ValueError("curve values must be >= 1")
+        return values
+
+    def teacher(self) -> TrainParams:
+        return TrainParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainParams)})
+
+
+def _stage_cache(key: dict, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """Load stage output ``key`` from ``<home>/cache/gascnn`` or compute and store it (torch.save)."""
+    from privbench.store import home
+
+    folder = home() / "cache" / "gascnn"
+    path = folder / f"{digest(key)}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=False), True
+        except Exception:  # a corrupt entry is recomputed, never fatal
+            path.unlink(missing_ok=True)
+    value = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)
+    return value, False
+
+
+@torch.no_grad()
+def snn_accuracy(snn: SpikingResNet, images: torch.Tensor, labels: torch.Tensor, timesteps: int,
+                 encoding: str, record: SpikeRecord | None = None, batch: int = 256) -> float:
+    """Top-1 accuracy of the SNN at ``timesteps`` and ``encoding`` (the network's own settings restored)."""
+    saved = snn.encoding, snn.record
+    snn.encoding, snn.record = encoding, record
+    snn.generator.manual_seed(0)
+    correct = 0
+    try:
+        for begin in range(0, len(images), batch):
+            logits = snn(images[begin : begin + batch], timesteps)
+            correct += int((logits.argmax(1) == labels[begin : begin + batch]).sum())
+    finally:
+        snn.encoding, snn.record = saved
+    return correct / max(len(images), 1)
+
+
+def spike_learning(snn: SpikingResNet, teacher: nn.Module, images: torch.Tensor, p: GASCNNParams,
+                   seed: int, progress=None) -> dict:
+    """Fine-tune ``snn`` in place through T steps (surrogate gradients) to match the teacher's softened outputs."""
+    teacher = teacher.eval()
+    with torch.no_grad():
+        soft_targets = torch.cat([F.softmax(teacher(images[i : i + 256]) / p.distill_temperature, 1)
+                                  for i in range(0, len(images), 256)])
+    optimizer = torch.optim.Adam(snn.parameters(), lr=p.finetune_lr)
+    rng = torch.Generator().manual_seed(seed)
+    losses = []
+    snn.train()
+    for epoch in range(p.finetune_epochs):
+        order = torch.randperm(len(images), generator=rng)
+        total = 0.0
+        for begin in range(0, len(images), p.finetune_batch_size):
+            idx = order[begin : begin + p.finetune_batch_size]
+            logits = snn(images[idx])
+            loss = F.kl_div(F.log_softmax(logits / p.distill_temperature, 1), soft_targets[idx],
+                            reduction="batchmean") * p.distill_temperature**2
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(idx)
+        losses.append(total / len(images))
+        if progress:
+            progress(epoch + 1, p.finetune_epochs)
+    snn.eval()
+    return {"epoch_losses": losses}
+
+
+@registry.defenses.register("gascnn")
+class GASCNN(Defense):
+    """Teacher ResNet -> data-free synthetic set -> spiking ResNet, fine-tuned by spike learning (see module docs)."""
+
+    Params = GASCNNParams
+    description = (
+        "GASCNN: ResNet teacher (data owner only, never exposed) -> generator on its feature-map statistics -> "
+        "ResNet-to-SNN conversion and spike learning on synthetic data only. Released: the SNN. GRADIENTS: a "
+        "client's spike-learning update of the SNN on its real batch."
+    )
+    protects = frozenset({Surface.GRADIENTS, Surface.MODEL_WHITEBOX, Surface.MODEL_QUERIES})
+    differentiable = True  # through the surrogate spike gradient and the straight-through encoder
+    stochastic = True  # with encoding=poisson
+
+    def __init__(self, params: GASCNNParams):
+        if importlib_missing("snntorch"):
+            raise ConfigError("the gascnn defense needs snntorch: pip install 'privbench[snn]'")
+        super().__init__(params)
+
+    # -- architecture ----------------------------------------------------------
+    def released_architecture(self, model: nn.Module) -> nn.Module:
+        ann = self._check_model(model)
+        n = 1 + 2 * len(ann.blocks)
+        return SpikingResNet(ann, [1.0] * n, self.params.timesteps, self.params.encoding, self.params.surrogate_slope)
+
+    @staticmethod
+    def _check_model(model: nn.Module) -> SmallResNet:
+        if not isinstance(model, SmallResNet):
+            raise ConfigError(f"gascnn converts the resnet model only (ReLU, BatchNorm, average pooling); got "
+                              f"{type(model).__name__}. Use --model resnet.")
+        return model
+
+    def utility_twin(self) -> Defense:
+        from privbench.defenses.none import NoDefense, NoDefenseParams
+
+        return NoDefense(NoDefenseParams(**dataclasses.asdict(self.params.teacher())))
+
+    # -- stages ------------------------------------------------------------------
+    def _base_key(self, ctx: FitContext, members_ids: str) -> dict:
+        c = ctx.config
+        return {"defense": "gascnn", "model": c.model, "model_params": dict(c.model_params), "dataset": c.dataset,
+                "image_size": c.image_size, "channels": c.channels, "seed": c.seed, "members": members_ids,
+                "teacher": dataclasses.asdict(self.params.teacher())}
+
+    def train_teacher(self, model: nn.Module, members, ctx: FitContext) -> tuple[SmallResNet, dict, dict]:
+        """Stage 1, the only stage that reads the members: (teacher, its training record, stage key)."""
+        members_ids = hashlib.sha256("\n".join(members.ids).encode()).hexdigest()
+        key = self._base_key(ctx, members_ids)
+
+        def compute():
+            target = fit_plainly(model, members, self.params.teacher(), ctx, stage="teacher")
+            return {"state": target.model.state_dict(), "training": target.training}
+
+        out, cached = _stage_cache({"stage": "teacher", **key}, compute)
+        model.load_state_dict(out["state"])
+        return model.eval(), {**out["training"], "cached": cached}, key
+
+    def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:
+        teacher = self._check_model(model)
+        t0 = time.perf_counter()
+        teacher, teacher_record, key = self.train_teacher(teacher, members, ctx)
+        stage_times = {"teacher_s": time.perf_counter() - t0}
+        return self.fit_from_teacher(teacher, teacher_record, key, ctx, stage_times)
+
+    def fit_from_teacher(self, teacher: SmallResNet, teacher_record: dict, key: dict, ctx: FitContext,
+                         stage_times: dict) -> Target:
+        """Stages 2-4 and the measurements; they read the teacher, synthetic data and nonmembers (utility) only."""
+        p: GASCNNParams = self.params
+        c = ctx.config
+        classes = teacher.fc.out_features
+        progress = (lambda stage: (lambda d, t: ctx.progress(stage, d, t))) if ctx.progress else (lambda stage: None)
+
+        synthesis = SynthesisParams(steps=p.synthesis_steps, width=p.generator_width, synthetic_size=p.synthetic_size)
+        key2 = {**key, "synthesis": dataclasses.asdict(synthesis)}
+
+        def stage2():
+            generator, record = train_generator(teacher, classes, c.channels, c.image_size, synthesis,
+                                                derive_seed(c.seed, "gascnn-generator"), progress("synthesis"))
+            images, labels, agreement = synthesize(generator, teacher, p.synthetic_size, classes,
+                                                   derive_seed(c.seed, "gascnn-synthetic"))
+            return {"images": images, "labels": labels, "record": {**record, "conditioned_agreement": agreement}}
+
+        t0 = time.perf_counter()
+        synthetic, cached2 = _stage_cache({"stage": "synthesis", **key2}, stage2)
+        stage_times["synthesis_s"] = time.perf_counter() - t0
+        images, labels = synthetic["images"], synthetic["labels"]
+        n_val = max(1, int(len(images) * p.validation_fraction))
+        val_x, val_y, train_x = images[:n_val], labels[:n_val], images[n_val:]
+
+        t0 = time.perf_counter()
+        candidates = (p.percentile,) if p.percentile else PERCENTILE_CANDIDATES
+        selection = {}
+        for percentile in candidates:
+            snn = SpikingResNet(teacher, balanced_thresholds(teacher, train_x, percentile), p.timesteps,
+                                p.encoding, p.surrogate_slope, seed=derive_seed(c.seed, "gascnn-encoder"))
+            selection[percentile] = snn_accuracy(snn, val_x, val_y, p.timesteps, p.encoding)
+        chosen = max(selection, key=lambda q: (selection[q], -abs(q - 99.9)))
+        converted = SpikingResNet(teacher, balanced_thresholds(teacher, train_x, chosen), p.timesteps, p.encoding,
+                                  p.surrogate_slope, seed=derive_seed(c.seed, "gascnn-encoder"))
+        stage_times["conversion_s"] = time.perf_counter() - t0
+
+        key4 = {**key2, "percentile": chosen, "snn": {f: getattr(p, f) for f in (
+            "encoding", "timesteps", "finetune_epochs", "finetune_lr", "finetune_batch_size", "distill_temperature",
+            "surrogate_slope")}}
+
+        def stage4():
+            snn = copy.deepcopy(converted)
+            record = spike_learning(snn, teacher, train_x, p, derive_seed(c.seed, "gascnn-finetune"),
+                                    progress("spike learning"))
+            return {"state": snn.state_dict(), "record": record}
+
+        t0 = time.perf_counter()
+        tuned, cached4 = _stage_cache({"stage": "spike-learning", **key4}, stage4)
+        released = copy.deepcopy(converted)
+        released.load_state_dict(tuned["state"])
+        released.eval()
+        stage_times["spike_learning_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        nonmembers = ctx.nonmembers
+        teacher_accuracy = accuracy(teacher, nonmembers)
+        curve, energy = self._curve(teacher, converted, released, nonmembers, c)
+        stage_times["evaluation_s"] = time.perf_counter() - t0
+        snn_acc = snn_accuracy(released, nonmembers.images, nonmembers.labels, p.timesteps, p.encoding)
+        ann_pj, ann_macs = ann_energy_pj(teacher, nonmembers.image_shape)
+        at_release = energy.get(f"{p.encoding}/T={p.timesteps}")
+        costs = {
+            **{f"time_{k}": v for k, v in stage_times.items()},
+            "train_time_s": sum(stage_times.values()),
+            "teacher_accuracy": teacher_accuracy,
+            "snn_accuracy": snn_acc,
+            "accuracy_gap_teacher_minus_snn": teacher_accuracy - snn_acc,
+            "ann_energy_pj": ann_pj,
+            "ann_macs": float(ann_macs),
+        }
+        if at_release:
+            costs.update(snn_energy_pj=at_release["snn_energy_pj"], energy_ratio_ann_over_snn=ann_pj / at_release["snn_energy_pj"])
+        return Target(
+            model=released,
+            initial_state=copy.deepcopy(converted.state_dict()),
+            training={
+                "teacher": teacher_record, "synthesis": {**synthetic["record"], "cached": cached2},
+                "synthetic_size": len(images), "validation_size": n_val,
+                "percentile_selection": {str(k): v for k, v in selection.items()}, "percentile": chosen,
+                "thresholds": converted.thresholds(), "spike_learning": {**tuned["record"], "cached": cached4},
+                "accuracy_vs_T": curve, "energy_vs_T": energy, "stage_times_s": stage_times,
+                "members_read_by": "teacher (stage 1) only",
+            },
+            utility={"accuracy": snn_acc},
+            costs=costs,
+        )
+
+    def _curve(self, teacher, converted, released, nonmembers, c) -> tuple[dict, dict]:
+        """Accuracy on nonmembers for each T and encoding, converted and fine-tuned; energy and spike rates
+        of the fine-tuned SNN per inference (pJ), against the ANN's MACs x 4.6 pJ."""
+        ann_pj, _ = ann_energy_pj(teacher, nonmembers.image_shape)
+        curve: dict[str, dict[str, float]] = {}
+        energy: dict[str, dict[str, Any]] = {}
+        count = self.params.curve_images or len(nonmembers)
+        x, y = nonmembers.images[:count], nonmembers.labels[:count]
+        for encoding in ("direct", "poisson"):
+            for steps in self.params.curve_timesteps:
+                name = f"{encoding}/T={steps}"
+                record = SpikeRecord()
+                curve[name] = {
+                    "converted": snn_accuracy(converted, x, y, steps, encoding),
+                    "fine_tuned": snn_accuracy(released, x, y, steps, encoding, record=record),
+                }
+                snn_pj = record.energy_pj()
+                energy[name] = {"images": len(x), "snn_energy_pj": snn_pj, "ann_energy_pj": ann_pj,
+                                "ratio_ann_over_snn": ann_pj / snn_pj if snn_pj else None,
+                                "spike_rates": record.spike_rates(),
+                                "synaptic_ops_per_image": sum(record.synaptic_ops.values()) / max(record.images, 1),
+                                "analog_macs_per_image": sum(record.analog_macs.values()) / max(record.images, 1)}
+        return curve, energy
+
+    # -- surfaces ----------------------------------------------------------------
+    def observe(self, surface: Surface, target: Target, victim: Victim | None, ctx: FitContext) -> Observation:
+        if surface is not Surface.GRADIENTS:
+            return released_model_observation(surface, target, "gascnn")
+        state = target.initial_state if ctx.config.gradient_round == "init" else target.model.state_dict()
+        client, attacker_copy = (self.released_architecture(ctx.build_model()) for _ in range(2))
+        for model, purpose in ((client, "gascnn-client-encoder"), (attacker_copy, "gascnn-attacker-encoder")):
+            model.load_state_dict(state)
+            model.train().generator.manual_seed(derive_seed(ctx.config.seed, purpose))
+        gradients = client_gradients(client, victim.images, victim.labels)
+        return gradient_observation(
+            attacker_copy, gradients, victim, ctx,
+            mechanism=f"spike-learning update of the {'released' if ctx.config.gradient_round == 'trained' else 'converted'} "
+                      f"SNN: CE through T={self.params.timesteps} steps, {self.params.encoding} encoding, atan surrogate",
+            encoder="Poisson samples of the attacker's copy differ from the client's" if self.params.encoding == "poisson"
+            else "direct (deterministic)",
+        )
+
+
+def importlib_missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+

@@ -1,0 +1,242 @@
+"""ResNet -> spiking ResNet conversion (Rueckauer et al. 2017 style) with snntorch integrate-and-fire
+neurons, input encoders, and synaptic-operation counting for the energy estimate.
+
+The SNN mirrors ``privbench.models.resnet.SmallResNet`` with BatchNorm folded into the
+convolutions. Every ReLU becomes ``snntorch.Leaky(beta=1, reset_mechanism="subtract")`` (an
+integrate-and-fire neuron) whose threshold is the layer's balanced activation scale ``lam``; its
+spikes carry amplitude ``lam`` (snntorch's graded spikes), which is the same as scaling the next
+layer's weights by ``lam``. The output layer integrates its input without spiking: logits are the
+accumulated membrane potential divided by T.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from privbench.models.resnet import BasicBlock, SmallResNet
+
+Encoding = Literal["poisson", "direct"]
+ANN_PJ_PER_MAC = 4.6  # 45 nm, 32-bit float multiply-accumulate (Horowitz 2014), as the GASCNN paper uses
+SNN_PJ_PER_AC = 0.9  # 45 nm, 32-bit float accumulate
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A convolution (with bias) computing ``bn(conv(x))`` in eval mode."""
+    folded = copy.deepcopy(conv)
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    folded.weight = nn.Parameter(conv.weight.detach() * scale.reshape(-1, 1, 1, 1))
+    folded.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias.detach())
+    return folded
+
+
+def _neuron(threshold: float, surrogate_slope: float) -> nn.Module:
+    import snntorch
+    from snntorch import surrogate
+
+    return snntorch.Leaky(beta=1.0, threshold=threshold, reset_mechanism="subtract",
+                          spike_grad=surrogate.atan(alpha=surrogate_slope), graded_spikes_factor=threshold)
+
+
+@dataclass
+class SpikeRecord:
+    """Counts gathered over one forward pass of T steps, summed over the batch.
+
+    ``synaptic_ops[layer]``: accumulate operations caused by input spikes (spikes x fan-out);
+    ``analog_macs[layer]``: multiply-accumulates of layers fed analog values (direct encoding);
+    ``spikes[layer]`` / ``neurons[layer]``: output spikes and neuron count, for spike rates.
+    """
+
+    synaptic_ops: dict[str, float] = field(default_factory=dict)
+    analog_macs: dict[str, float] = field(default_factory=dict)
+    spikes: dict[str, float] = field(default_factory=dict)
+    neurons: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+    steps: int = 0
+
+    def add(self, table: dict, key: str, value: float) -> None:
+        table[key] = table.get(key, 0.0) + float(value)
+
+    def spike_rates(self) -> dict[str, float]:
+        """Mean spikes per neuron per time step, per layer."""
+        return {k: self.spikes[k] / max(self.neurons[k] * self.images * self.steps, 1) for k in self.spikes}
+
+    def energy_pj(self) -> float:
+        """Energy of one inference (per image), in pJ."""
+        ops = sum(self.synaptic_ops.values()) * SNN_PJ_PER_AC + sum(self.analog_macs.values()) * ANN_PJ_PER_MAC
+        return ops / max(self.images, 1)
+
+
+def fan_out_ops(layer: nn.Module, spikes: torch.Tensor) -> float:
+    """Exact synaptic operations of ``layer`` driven by binary events ``spikes`` (any amplitude):
+    each nonzero input element adds into every output it is connected to."""
+    events = (spikes != 0).to(torch.float32)
+    if isinstance(layer, nn.Conv2d):
+        ones = torch.ones(layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+        return float(F.conv2d(events, ones, stride=layer.stride, padding=layer.padding, groups=layer.groups).sum())
+    if isinstance(layer, nn.Linear):
+        return float(events.sum() * layer.out_features)
+    raise TypeError(f"no synaptic-op rule for {type(layer).__name__}")
+
+
+def macs(layer: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one image through ``layer`` (conventional count: outputs x fan-in)."""
+    if isinstance(layer, nn.Conv2d):
+        out = F.conv2d(torch.zeros(1, *input_shape), layer.weight, stride=layer.stride, padding=layer.padding,
+                       groups=layer.groups)
+        fan_in = (layer.in_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1]
+        return int(out.numel() * fan_in)
+    if isinstance(layer, nn.Linear):
+        return layer.in_features * layer.out_features
+    raise TypeError(f"no MAC rule for {type(layer).__name__}")
+
+
+class SpikingBlock(nn.Module):
+    def __init__(self, block: BasicBlock, lam_a: float, lam_b: float, slope: float):
+        super().__init__()
+        self.conv1 = fold_bn(block.conv1, block.bn1)
+        self.conv2 = fold_bn(block.conv2, block.bn2)
+        self.shortcut = fold_bn(block.shortcut[0], block.shortcut[1]) if len(block.shortcut) else None
+        self.lif_a, self.lif_b = _neuron(lam_a, slope), _neuron(lam_b, slope)
+
+
+class SpikingResNet(nn.Module):
+    """Spiking twin of ``SmallResNet``: input [B, C, S, S] in [0, 1] -> logits [B, K] after T steps.
+
+    ``encoding``: ``poisson`` (each step a Bernoulli spike per pixel with probability = intensity;
+    the sampling passes gradients straight through, d spike / d intensity = 1, the derivative of its
+    expectation) or ``direct`` (the analog image into the first layer at every step). ``generator``
+    seeds the Poisson sampling; ``record`` (if set) receives operation counts.
+    """
+
+    def __init__(self, ann: SmallResNet, thresholds: list[float], timesteps: int, encoding: Encoding,
+                 surrogate_slope: float = 2.0, seed: int = 0, initial_membrane: float = 0.5):
+        super().__init__()
+        # Membranes start at this fraction of the threshold: 0.5 turns the spike count into a rounding of
+        # the activation instead of a floor, halving the expected conversion error (Bu et al., ICLR 2022).
+        self.initial_membrane = initial_membrane
+        ann = copy.deepcopy(ann).eval()
+        self.stem = fold_bn(ann.stem[0], ann.stem[1])
+        self.lif_stem = _neuron(thresholds[0], surrogate_slope)
+        self.blocks = nn.ModuleList(
+            SpikingBlock(b, thresholds[1 + 2 * i], thresholds[2 + 2 * i], surrogate_slope)
+            for i, b in enumerate(ann.blocks)
+        )
+        self.fc = copy.deepcopy(ann.fc)
+        self.timesteps, self.encoding = timesteps, encoding
+        self.generator = torch.Generator().manual_seed(seed)
+        self.record: SpikeRecord | None = None
+
+    def thresholds(self) -> list[float]:
+        out = [float(self.lif_stem.threshold)]
+        for b in self.blocks:
+            out += [float(b.lif_a.threshold), float(b.lif_b.threshold)]
+        return out
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.encoding == "direct":
+            return images
+        draws = torch.rand(images.shape, generator=self.generator, dtype=images.dtype)
+        spikes = (draws < images.clamp(0, 1)).to(images.dtype)
+        return spikes + images - images.detach()  # straight-through: forward spikes, backward d/dx = 1
+
+    def _count(self, name: str, layer: nn.Module, inputs: torch.Tensor, analog: bool = False) -> None:
+        if self.record is None:
+            return
+        if analog:
+            self.record.add(self.record.analog_macs, name, macs(layer, tuple(inputs.shape[1:])) * len(inputs))
+        else:
+            self.record.add(self.record.synaptic_ops, name, fan_out_ops(layer, inputs.detach()))
+
+    def _fire(self, name: str, lif: nn.Module, current: torch.Tensor, mem: dict) -> torch.Tensor:
+        if name not in mem:
+            mem[name] = torch.full_like(current, float(lif.threshold) * self.initial_membrane)
+        spikes, mem[name] = lif(current, mem[name])
+        if self.record is not None:
+            self.record.add(self.record.spikes, name, (spikes.detach() != 0).sum())
+            self.record.neurons[name] = int(current[0].numel())
+        return spikes
+
+    def forward(self, images: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
+        steps = timesteps or self.timesteps
+        mem: dict[str, torch.Tensor] = {}
+        total = 0.0
+        if self.record is not None:
+            self.record.images += len(images)
+            self.record.steps = steps
+        for _ in range(steps):
+            x = self.encode(images)
+            self._count("stem", self.stem, x, analog=self.encoding == "direct")
+            s = self._fire("stem", self.lif_stem, self.stem(x), mem)
+            for i, block in enumerate(self.blocks):
+                self._count(f"block{i}.conv1", block.conv1, s)
+                h = self._fire(f"block{i}.a", block.lif_a, block.conv1(s), mem)
+                self._count(f"block{i}.conv2", block.conv2, h)
+                residual = s
+                if block.shortcut is not None:
+                    self._count(f"block{i}.shortcut", block.shortcut, s)
+                    residual = block.shortcut(s)
+                s = self._fire(f"block{i}.b", block.lif_b, block.conv2(h) + residual, mem)
+            pooled = F.adaptive_avg_pool2d(s, 1).flatten(1)
+            if self.record is not None:  # average pooling then fc: each spike reaches the K outputs once
+                self.record.add(self.record.synaptic_ops, "fc", float((s.detach() != 0).sum()) * self.fc.out_features)
+            total = total + self.fc(pooled)
+        return total / steps
+
+
+def ann_activation_layers(ann: SmallResNet) -> list[str]:
+    """Names of the ReLU outputs the thresholds balance, in SNN order."""
+    names = ["stem"]
+    for i in range(len(ann.blocks)):
+        names += [f"block{i}.a", f"block{i}.b"]
+    return names
+
+
+@torch.no_grad()
+def ann_activations(ann: SmallResNet, images: torch.Tensor, batch: int = 256) -> list[torch.Tensor]:
+    """Every ReLU output of the ANN on ``images`` (flattened per layer), in SNN order."""
+    ann = ann.eval()
+    per_layer: list[list[torch.Tensor]] = [[] for _ in ann_activation_layers(ann)]
+    for begin in range(0, len(images), batch):
+        x = ann.stem(images[begin : begin + batch])
+        per_layer[0].append(x.flatten())
+        for i, block in enumerate(ann.blocks):
+            a = F.relu(block.bn1(block.conv1(x)))
+            x = F.relu(block.bn2(block.conv2(a)) + block.shortcut(x))
+            per_layer[1 + 2 * i].append(a.flatten())
+            per_layer[2 + 2 * i].append(x.flatten())
+    return [torch.cat(chunks) for chunks in per_layer]
+
+
+def balanced_thresholds(ann: SmallResNet, images: torch.Tensor, percentile: float) -> list[float]:
+    """Per layer, the ``percentile`` of its positive activations on ``images`` (robust normalisation)."""
+    out = []
+    for acts in ann_activations(ann, images):
+        positive = acts[acts > 0]
+        if len(positive) == 0:
+            out.append(1.0)
+            continue
+        sample = positive[torch.randperm(len(positive), generator=torch.Generator().manual_seed(0))[:2_000_000]]
+        out.append(max(float(torch.quantile(sample, percentile / 100.0)), 1e-6))
+    return out
+
+
+def ann_energy_pj(ann: SmallResNet, input_shape: tuple[int, int, int]) -> tuple[float, int]:
+    """Energy (pJ) and MACs of one ANN inference: conv/linear MACs x 4.6 pJ."""
+    total = 0
+    shapes: dict[nn.Module, tuple] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: shapes.__setitem__(mod, tuple(inp[0].shape[1:])))
+             for m in ann.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        ann.eval()(torch.zeros(1, *input_shape))
+    for h in hooks:
+        h.remove()
+    for module, shape in shapes.items():
+        total += macs(module, shape)
+    return total * ANN_PJ_PER_MAC, total
