@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from privbench.config import RunConfig, parse_assignments
+from privbench.config import Budget, RunConfig, parse_assignments
 from privbench.runner import RunOptions, run
 from privbench.store import Store
 
@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--defense-param", action="append", default=[])
     parser.add_argument("--model-param", action="append", default=[])
     parser.add_argument("--victim-batch", type=int, default=1)
+    parser.add_argument("--max-grad-evals", type=int, default=None, help="the attack's budget (same for every cell)")
+    parser.add_argument("--round", default="init", choices=["init", "trained"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--store", default=None)
     args = parser.parse_args()
@@ -52,6 +54,7 @@ def main() -> None:
             attack_params=parse_assignments(args.attack_param, "--attack-param"),
             defense_params=parse_assignments(args.defense_param, "--defense-param"),
             model_params=parse_assignments(args.model_param, "--model-param"), victim_batch=args.victim_batch,
+            budget=Budget(max_grad_evals=args.max_grad_evals), gradient_round=args.round,
         )
         result = run(config, store, RunOptions(threads=args.threads))
         m = result.metrics

@@ -170,6 +170,12 @@ class MpLe(Defense):
     )
     protects = frozenset({Surface.SHARED_DATA, Surface.GRADIENTS})
 
+    def identity(self) -> dict:
+        """``cr_secret`` decides what the service is told, not how the target is trained."""
+        identity = super().identity()
+        identity["params"].pop("cr_secret")
+        return identity
+
     def released_architecture(self, model: nn.Module) -> nn.Module:
         conv, rest = split_first_conv(model)
         return nn.Sequential(PermutedConv(conv, torch.arange(conv.out_channels)), *rest)
