@@ -183,7 +183,8 @@ def _dist_label(ep: md.EntryPoint) -> str:
 
 defenses: Registry = Registry(
     "defenses",
-    {"none": "privbench.defenses.none", "dp": "privbench.defenses.dp", "mple": "privbench.defenses.mple"},
+    {"none": "privbench.defenses.none", "dp": "privbench.defenses.dp", "mple": "privbench.defenses.mple",
+     "he": "privbench.defenses.he.defense"},
 )
 attacks: Registry = Registry(
     "attacks",
@@ -215,6 +216,7 @@ models: Registry = Registry(
         "convnet": "privbench.models.convnet",
         "resnet": "privbench.models.resnet",
         "vgg": "privbench.models.vgg",
+        "capsnet": "privbench.models.capsnet",
     },
 )
 metrics: Registry = Registry(
