@@ -64,7 +64,10 @@ class CapsuleNetwork(nn.Module):
                               f"use kernel=5 (or smaller)")
         self.num_primary = p.primary_types * side * side
         # one transformation matrix per (primary capsule, class): [N, K, class_dim, primary_dim]
-        self.weights = nn.Parameter(0.01 * torch.randn(self.num_primary, num_classes, p.class_dim, p.primary_dim))
+        # std 1/sqrt(primary_dim): class capsules start with lengths of order 0.5, not near 0 (flat logits)
+        self.weights = nn.Parameter(
+            torch.randn(self.num_primary, num_classes, p.class_dim, p.primary_dim) / p.primary_dim**0.5
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p
