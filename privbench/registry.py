@@ -184,7 +184,8 @@ def _dist_label(ep: md.EntryPoint) -> str:
 defenses: Registry = Registry(
     "defenses",
     {"none": "privbench.defenses.none", "dp": "privbench.defenses.dp", "mple": "privbench.defenses.mple",
-     "gascnn": "privbench.defenses.gascnn.defense"},
+     "gascnn": "privbench.defenses.gascnn.defense",
+     "he": "privbench.defenses.he.defense"},
 )
 attacks: Registry = Registry(
     "attacks",
@@ -218,6 +219,7 @@ models: Registry = Registry(
         "convnet": "privbench.models.convnet",
         "resnet": "privbench.models.resnet",
         "vgg": "privbench.models.vgg",
+        "capsnet": "privbench.models.capsnet",
     },
 )
 metrics: Registry = Registry(

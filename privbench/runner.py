@@ -154,12 +154,14 @@ def _execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pa
     ctx = FitContext(config=cfg, build_model=fresh_model, nonmembers=parts.nonmembers, seeds=seeds, progress=progress,
                      members=parts.members)
     target, target_info = _load_or_fit(defense, fresh_model, parts.members, ctx, cache_dir / "targets", result)
+    _stage_defense_artifacts(target_info, staging)
     result.info["target"] = target_info
     result.metrics["target_accuracy"] = target.utility.get("accuracy")
     result.costs.update(target.costs)
     twin = defense.utility_twin()
     if twin is not None:
         twin_target, twin_info = _load_or_fit(twin, fresh_model, parts.members, ctx, cache_dir / "targets", result)
+        _stage_defense_artifacts(twin_info, staging, prefix="twin-")
         result.info["twin"] = twin_info
         result.metrics["twin_accuracy"] = twin_target.utility.get("accuracy")
         result.metrics["accuracy_drop"] = result.metrics["twin_accuracy"] - result.metrics["target_accuracy"]
@@ -185,11 +187,25 @@ def _execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pa
     result.info["attack"] = output.info
 
     if attack.family == "reconstruction":
-        _score_reconstruction(output, victim, parts.auxiliary, result, staging, options)
+        # A gradient attack recovers a batch in no particular order; shared-data attacks keep the sent order.
+        _score_reconstruction(output, victim, parts.auxiliary, result, staging, options,
+                              match=attack.surface is Surface.GRADIENTS)
     elif attack.family == "membership":
         _score_membership(output, is_member, result, staging)
     else:  # pragma: no cover - later families add their scorers here
         raise NotImplementedError(f"no scorer for attack family {attack.family!r}")
+
+
+def _stage_defense_artifacts(target_info: dict, staging: Path, prefix: str = "") -> None:
+    """Write the files a defense put in its training record (``training["artifacts"]``: name -> text) as run
+    artifacts (named ``prefix + name``); the row keeps their names only."""
+    training = target_info.get("training") or {}
+    files = training.get("artifacts")
+    if not isinstance(files, dict):
+        return
+    for name, text in files.items():
+        (staging / (prefix + Path(name).name)).write_text(text)
+    target_info["training"] = {**training, "artifacts": sorted(prefix + Path(name).name for name in files)}
 
 
 def _model_observation(defense, surface, target, parts, ctx, num_classes):
@@ -330,7 +346,22 @@ def _score_lpips(images, baseline_images, truth, result: RunResult, options: Run
         result.info.setdefault("unavailable_metrics", {})[name] = str(exc)
 
 
-def _score_reconstruction(output, victim, auxiliary, result: RunResult, staging: Path, options: RunOptions) -> None:
+def _hungarian_by_psnr(images, truth) -> list[int]:
+    """The reconstruction index assigned to each true image, maximising the summed per-image PSNR."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    from privbench.metrics.image import psnr
+
+    b = len(truth)
+    table = np.array([[float(psnr(images[j : j + 1], truth[i : i + 1])) for j in range(b)] for i in range(b)])
+    table = np.nan_to_num(table, nan=-1e9, posinf=1e9, neginf=-1e9)  # identical images: PSNR inf
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
+
+
+def _score_reconstruction(output, victim, auxiliary, result: RunResult, staging: Path, options: RunOptions,
+                          match: bool = True) -> None:
     import torch
 
     from privbench.metrics.image import IMAGE_METRICS, score_reconstruction
@@ -340,6 +371,14 @@ def _score_reconstruction(output, victim, auxiliary, result: RunResult, staging:
             f"attack returned images of shape {None if output.images is None else tuple(output.images.shape)}, "
             f"expected {tuple(victim.images.shape)}"
         )
+    if match and len(victim.labels) > 1:  # a batch: pair each reconstruction with the true image it matches best
+        order = _hungarian_by_psnr(output.images, victim.images)
+        result.info["matching"] = {
+            "method": "Hungarian (scipy linear_sum_assignment) maximising the summed per-image PSNR",
+            "reconstruction_for_victim": order,  # victim i is scored against reconstruction order[i]
+        }
+        output.images = output.images[order]
+        output.labels = None if output.labels is None else output.labels[order]
     result.metrics.update(score_reconstruction(output.images, output.labels, victim.images, victim.labels))
     result.info["per_image"] = {  # the metrics above are batch means; medians and spreads need these
         m.name: [float(v) for v in m(output.images, victim.images)] for m in IMAGE_METRICS

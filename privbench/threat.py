@@ -34,6 +34,9 @@ class GradientUpdate:
     ``model.parameters()`` order, d(mean cross-entropy over the batch)/d(param)
     after whatever the defense does to them. ``batch_size`` is the number of
     images behind the update (public in FL: the client reports it).
+    ``encrypted``: the observer holds only ciphertexts of the update (HE aggregator): ``gradients`` is
+    empty. ``local_steps``: SGD steps behind the update; with more than one it is (w_t - w_t+1) / lr
+    after several steps, not a gradient.
     """
 
     model: "nn.Module"
@@ -46,6 +49,8 @@ class GradientUpdate:
     # How a point of the model's input space reads as an image [B, C, H, W] to someone without the
     # defense's secrets; None when the model takes images. MpLe's model takes morphed vectors.
     read_as_image: "Callable[[torch.Tensor], torch.Tensor] | None" = None
+    encrypted: bool = False
+    local_steps: int = 1
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,17 @@ One implementation, three presets:
   images kept in [0, 1], learning rate x0.1 at 3/8, 5/8 and 7/8 of the steps.
   The paper runs 24,000 steps on a GPU; the default here is 2,000 (CPU budget).
 
+Batches (B > 1) are recovered jointly: B images (and, with ``label=joint``, B
+soft labels) are optimised against the one shared update; the runner pairs them
+with the true images by Hungarian matching. ``label=auto`` uses iDLG's rule for
+B = 1 and joint soft labels for B > 1 (the rule holds for one image only).
+
+The update must be a gradient (one local SGD step); an update after several
+local steps is refused rather than inverted under the wrong model. If the
+observer holds only ciphertexts of the update (HE aggregator), there is nothing
+to invert: the output is the uninformed prior guess (mid-gray images, class 0)
+and the row says so.
+
 The attacker sees only the observation (model at the stated round, shared
 gradients, batch size, input shape, number of classes). The best of
 ``restarts`` runs is chosen by the final gradient distance, which the attacker
@@ -41,7 +52,8 @@ class GradientInversionParams:
     lbfgs_max_iter: int = 20
     restarts: int = 2
     init: Literal["randn", "uniform", "zeros"] = "randn"  # initial image: N(0,1), U(0,1) or 0.5 everywhere
-    label: Literal["joint", "analytic"] = "joint"  # joint soft-label optimisation, or iDLG's analytic rule
+    # joint soft-label optimisation, iDLG's analytic rule (B = 1 only), or auto: analytic for B = 1, else joint
+    label: Literal["joint", "analytic", "auto"] = "joint"
     tv_weight: float = 0.0  # weight of the total variation prior (mean |dx| + mean |dy|, images in [0, 1])
     signed: bool = False  # step on the sign of the image gradient (Adam only)
     boxed: bool = False  # clamp images to [0, 1] after every step
@@ -61,7 +73,7 @@ class GradientInversionParams:
 
 @dataclass(frozen=True)
 class IDLGParams(GradientInversionParams):
-    label: Literal["joint", "analytic"] = "analytic"
+    label: Literal["joint", "analytic", "auto"] = "analytic"
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,7 @@ class InvertingGradientsParams(GradientInversionParams):
     optimizer: Literal["lbfgs", "adam"] = "adam"
     steps: int = 2000
     lr: float = 0.1
-    label: Literal["joint", "analytic"] = "analytic"
+    label: Literal["joint", "analytic", "auto"] = "auto"
     tv_weight: float = 0.2
     signed: bool = True
     boxed: bool = True
@@ -125,7 +137,16 @@ class GradientInversion(Attack):
         if update is None:
             raise AttackError(f"{self.registry_name} needs the GRADIENTS surface; the observation has no update")
         p = self.params
-        fixed_labels = analytic_label(update) if p.label == "analytic" else None
+        if update.encrypted:
+            return self._prior_guess(update)
+        if update.local_steps != 1:
+            raise AttackError(
+                f"the shared update is the result of {update.local_steps} local SGD steps, not a gradient; "
+                f"{self.registry_name} models a single gradient and does not model multi-step updates "
+                f"(use local_steps=1)"
+            )
+        rule = p.label if p.label != "auto" else ("analytic" if update.batch_size == 1 else "joint")
+        fixed_labels = analytic_label(update) if rule == "analytic" else None
         per_restart = None if budget.max_grad_evals is None else max(1, budget.max_grad_evals // p.restarts)
         generator = torch.Generator().manual_seed(self.seed)
         runs = []
@@ -151,9 +172,24 @@ class GradientInversion(Attack):
                 "restart_distances": [r[0] for r in runs],
                 "restart_grad_evals": [r[3] for r in runs],
                 "chosen_restart": best,
-                "label_rule": p.label,
+                "label_rule": rule,
+                "batch_size": update.batch_size,
                 "selection": "lowest final gradient distance (attacker-computable)",
                 **info,
+            },
+        )
+
+    def _prior_guess(self, update: GradientUpdate) -> AttackOutput:
+        """No plaintext to invert: mid-gray images and class 0, what an attacker guesses knowing nothing."""
+        shape = (update.batch_size, *update.input_shape)
+        return AttackOutput(
+            images=torch.full(shape, 0.5),
+            labels=torch.zeros(update.batch_size, dtype=torch.long),
+            grad_evals=0,
+            info={
+                "no_plaintext": "the observer holds only ciphertexts of the update: nothing to invert",
+                "output": "uninformed prior guess: every pixel 0.5 (mid-gray), label 0",
+                "batch_size": update.batch_size,
             },
         )
 
