@@ -11,7 +11,6 @@ Without PRIVBENCH_DATA_DIR use ``--dataset synthetic-mri:4000``.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -36,8 +35,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     threads = configure_threads(args.threads)
-    root = os.environ.get("PRIVBENCH_DATA_DIR")
-    data = load(args.dataset, args.image_size, args.channels, root=root)
+    data = load(args.dataset, args.image_size, args.channels)  # brain-tumor-mri is found via $PRIVBENCH_DATA_DIR
     parts = splitlib.make(data, splitlib.SplitSpec(), seed=0)
     cfg = RunConfig(defense="mple", dataset=args.dataset, model=args.model, image_size=args.image_size,
                     channels=args.channels)

@@ -152,7 +152,7 @@ def spike_learning(snn: SpikingResNet, teacher: nn.Module, images: torch.Tensor,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         losses.append(total / len(images))
         if progress:
             progress(epoch + 1, p.finetune_epochs)
