@@ -219,9 +219,9 @@ class GradientInversion(Attack):
 
         def objective() -> torch.Tensor:
             nonlocal evals
-            if evals >= limit:
+            if evals + p.eot_samples > limit:
                 raise _BudgetExhausted
-            evals += 1
+            evals += p.eot_samples  # each encoder sample is one gradient evaluation of the target model
             value = 0.0
             for _ in range(p.eot_samples):
                 logits = model(x)
