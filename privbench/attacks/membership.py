@@ -212,8 +212,10 @@ class LiRAParams:
     # One variance shared by every example, IN and OUT alike (the authors' reference code for few shadows);
     # else per-example variances (needs many shadows: with S shadows an example has ~S*size/pool IN samples).
     fixed_variance: bool = True
-    # Train the ensemble at once (models without BatchNorm). Whether it pays depends on the CPU and model size:
-    # see benchmarks/perf/lira_shadows.py.
+    # Train the ensemble at once: one grouped network for Sequential conv/linear models, torch.func vmap for
+    # other models without BatchNorm. Off by default: on this 2-core CPU it measured 1.06x (16 convnet shadows,
+    # 2 threads, loaded machine): the training is compute-bound, not per-operation overhead bound, and grouped
+    # convolutions cost about as much as S separate ones (benchmarks/perf/lira_shadows.py).
     vectorized: bool = False
     shadow_size: int | None = None  # images per shadow; None: the target's training-set size (public)
 
