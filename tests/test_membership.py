@@ -114,3 +114,44 @@ def test_membership_against_dp_respects_the_dp_bounds(bench_home):
     m = result.metrics
     assert m["dp_bound_violations"] == 0 and m["accountant_epsilon"] <= 1.0
     assert 0 <= m["empirical_epsilon_lower_bound"]
+
+
+@pytest.mark.parametrize("pool,size,shadows", [(1200, 200, 16), (1000, 500, 4), (7, 3, 5), (10, 10, 3), (3000, 1000, 16)])
+def test_balanced_inclusion_gives_every_example_equal_in_and_out_counts(pool, size, shadows):
+    import torch
+
+    from privbench.attacks.membership import balanced_inclusion
+
+    inside = balanced_inclusion(pool, size, shadows, torch.Generator().manual_seed(3))
+    assert inside.shape == (shadows, pool) and (inside.sum(1) == size).all()
+    counts = inside.sum(0)
+    low = shadows * size // pool
+    assert counts.min() >= low and counts.max() <= -(-shadows * size // pool)
+    assert ((shadows - counts) >= shadows - counts.max()).all() and int(counts.sum()) == shadows * size
+    if shadows >= max(-(-pool // size), -(-pool // max(pool - size, 1))) and size < pool:
+        assert counts.min() >= 1 and (shadows - counts).min() >= 1
+
+
+def test_online_lira_scores_need_in_and_out_shadows_and_rank_by_confidence():
+    import torch
+
+    from privbench.attacks.membership import _online_scores
+
+    inside = torch.tensor([[True, False], [False, True], [True, False], [False, True]])
+    shadow = torch.tensor([[5.0, 0.0], [1.0, 4.0], [6.0, 1.0], [0.0, 5.0]], dtype=torch.float64)
+    # fixed variance: the likelihood ratio grows with the target's confidence for each candidate
+    low, high = (_online_scores(torch.tensor([v, v], dtype=torch.float64), shadow, inside, True) for v in (0.0, 9.0))
+    assert (high > low).all()
+    with pytest.raises(ValueError, match="IN and an OUT shadow"):
+        _online_scores(torch.zeros(2, dtype=torch.float64), shadow, torch.ones(4, 2, dtype=torch.bool), True)
+
+
+def test_online_lira_with_too_few_shadows_for_the_pool_is_a_clear_error(bench_home):
+    from privbench.config import ConfigError
+    from privbench.datasets.splits import SplitSpec
+
+    store = Store()
+    with pytest.raises(ConfigError, match="at least 5 shadows"):
+        run(RunConfig(attack="lira", attack_params={"shadows": 4}, split=SplitSpec(members=100, nonmembers=400), **TINY),
+            store)
+    assert store.counts() == {}

@@ -14,10 +14,12 @@ membership it withheld.
   their own in/out halves fed to ART's ``MembershipInferenceBlackBox``. Shadow
   data and candidates are disjoint. A shadow ensemble whose estimated training
   time exceeds ``shadow_budget_s`` makes the pair unsupported (with the estimate).
-- ``lira`` (Carlini et al., 2022): N shadows on random halves of a pool;
-  logit-scaled confidence; per-example Gaussians. Online, the pool is auxiliary
-  + candidates (by design the scored candidates are in half of the shadows'
-  training sets); offline, the pool is auxiliary only (disjoint).
+- ``lira`` (Carlini et al., 2022): N shadows of the target's training-set size
+  and recipe on a balanced design over a pool (every pool example IN in the same
+  number of shadows, up to one); logit-scaled confidence; per-example Gaussians.
+  Online, the pool is the candidates (+ auxiliary images up to twice the shadow
+  size), so by design each scored candidate is IN for about S * size / pool
+  shadows and OUT for the rest; offline, the pool is auxiliary only (disjoint).
 """
 
 from __future__ import annotations
@@ -172,15 +174,48 @@ class ShadowModels(MembershipAttack):
         )
 
 
+def balanced_inclusion(pool: int, size: int, shadows: int, generator: torch.Generator) -> torch.Tensor:
+    """[S, P] bool: shadow s trains on the pool examples where row s is True.
+
+    Every shadow gets exactly ``size`` distinct examples, and every example is IN
+    in floor(S * size / P) or ceil(S * size / P) shadows, OUT in the others. It is
+    a stream of random permutations of the pool cut into blocks of ``size``; where
+    a block spans two permutations, its examples already drawn go to the back of
+    the next one. With P = 2 * size and S even each example is IN in exactly half
+    the shadows (Carlini et al.'s design).
+    """
+    if not 0 < size <= pool or shadows < 1:
+        raise ValueError(f"need 0 < size <= pool and shadows >= 1; got size {size}, pool {pool}, shadows {shadows}")
+    inside = torch.zeros(shadows, pool, dtype=torch.bool)
+    stream = torch.empty(0, dtype=torch.long)
+    for s in range(shadows):
+        block, stream = stream[:size], stream[size:]
+        if len(block) < size:
+            perm = torch.randperm(pool, generator=generator)
+            drawn = torch.zeros(pool, dtype=torch.bool)
+            drawn[block] = True
+            perm = torch.cat([perm[~drawn[perm]], perm[drawn[perm]]])
+            need = size - len(block)
+            block, stream = torch.cat([block, perm[:need]]), perm[need:]
+        inside[s, block] = True
+    return inside
+
+
 @dataclass(frozen=True)
 class LiRAParams:
     shadows: int = 16
-    online: bool = True  # shadows on halves of auxiliary + candidates (IN and OUT Gaussians); else auxiliary only
-    augment: bool = True  # query each image and its horizontal flip, average the logit-scaled confidence
-    fixed_variance: bool = True  # one variance for all examples (recommended below ~64 shadows)
-    # Train the ensemble at once with torch.func vmap (models without BatchNorm). Off by default: on this
-    # CPU build vmapped convolutions become grouped convolutions, which are slower than S separate ones
-    # (benchmarks/perf/lira_shadows.py); it pays where per-operation overhead dominates (small dense models).
+    online: bool = True  # shadows on a pool of auxiliary + candidates (IN and OUT Gaussians); else auxiliary only
+    # Also query the horizontal flip (a Gaussian per view, scores averaged). Carlini et al. query the augmentations
+    # the model trained with; privbench's training recipes use none, so a member's flip was never fit and only
+    # dilutes the signal (on the overfit brain-tumor-mri sanity target it cost about 0.05 AUC).
+    augment: bool = False
+    # One variance shared by every example, IN and OUT alike (the authors' reference code for few shadows);
+    # else per-example variances (needs many shadows: with S shadows an example has ~S*size/pool IN samples).
+    fixed_variance: bool = True
+    # Train the ensemble at once: one grouped network for Sequential conv/linear models, torch.func vmap for
+    # other models without BatchNorm. Off by default: on this 2-core CPU it measured 1.06x (16 convnet shadows,
+    # 2 threads, loaded machine): the training is compute-bound, not per-operation overhead bound, and grouped
+    # convolutions cost about as much as S separate ones (benchmarks/perf/lira_shadows.py).
     vectorized: bool = False
     shadow_size: int | None = None  # images per shadow; None: the target's training-set size (public)
 
@@ -194,7 +229,7 @@ class LiRA(MembershipAttack):
     """Likelihood-ratio attack (Carlini et al. 2022): per-example Gaussians of shadow confidences."""
 
     Params = LiRAParams
-    description = "LiRA (Carlini et al. 2022): shadow ensemble on random halves, logit confidence, online/offline."
+    description = "LiRA (Carlini et al. 2022): balanced shadow ensemble, logit confidence, online/offline."
 
     def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
         from privbench.attacks.shadow_ensemble import train_shadow_ensemble
@@ -209,6 +244,14 @@ class LiRA(MembershipAttack):
             if extra > len(aux):
                 raise ConfigError(f"lira: shadows of {size} images need {extra} auxiliary images; there are {len(aux)}")
             pool_images, pool_labels = torch.cat([cand.images, aux.images[:extra]]), torch.cat([cand.labels, aux.labels[:extra]])
+            pool = len(pool_images)
+            needed = max(-(-pool // size), -(-pool // (pool - size)))
+            if p.shadows < needed:
+                raise ConfigError(
+                    f"lira online: with shadows of {size} images on a pool of {pool} (the candidates"
+                    f"{' + auxiliary' if extra else ''}), every candidate needs an IN and an OUT shadow: ask for at "
+                    f"least {needed} shadows (more give better per-example means), or online=false"
+                )
         else:
             if len(aux) < 2 * size:
                 raise ConfigError(
@@ -216,31 +259,30 @@ class LiRA(MembershipAttack):
                     f"(each shadow trains on a random half of a pool); there are {len(aux)}. Lower shadow_size."
                 )
             pool_images, pool_labels = aux.images, aux.labels
-        generator = torch.Generator().manual_seed(self.seed)
-        # each shadow trains on a random subset of `size` pool images (half the pool when the pool is 2 x size)
-        inside = torch.stack([torch.randperm(len(pool_images), generator=generator) < size for _ in range(p.shadows)])
+        inside = balanced_inclusion(len(pool_images), size, p.shadows, torch.Generator().manual_seed(self.seed))
         recipe = observation.notes.get("training_recipe")
         ensemble = train_shadow_ensemble(observation, pool_images, pool_labels, inside, recipe, self.seed,
                                          vectorized=p.vectorized, progress=progress)
         views = [cand.images, cand.images.flip(-1)] if p.augment else [cand.images]
-        target_phi = torch.stack([logit_confidence(query_logits(observation, v, False), cand.labels)
-                                  for v in views]).mean(0).double()
-        shadow_phi = torch.stack([logit_confidence(ensemble.logits(v), cand.labels) for v in views]).mean(0).double()
-        if p.online:
-            cand_in = inside[:, : len(cand)]  # [S, N]: candidate in shadow s's training set
-            scores = _online_scores(target_phi, shadow_phi, cand_in, p.fixed_variance)
-            covered = float(((cand_in.sum(0) > 0) & ((~cand_in).sum(0) > 0)).double().mean())
-        else:
-            scores = _offline_scores(target_phi, shadow_phi, p.fixed_variance)
-            covered = None
+        per_view = []
+        for view in views:
+            target_phi = logit_confidence(query_logits(observation, view, False), cand.labels).double()
+            shadow_phi = logit_confidence(ensemble.logits(view), cand.labels).double()
+            if p.online:
+                per_view.append(_online_scores(target_phi, shadow_phi, inside[:, : len(cand)], p.fixed_variance))
+            else:
+                per_view.append(_offline_scores(target_phi, shadow_phi, p.fixed_variance))
+        scores = torch.stack(per_view).mean(0)
+        in_counts = inside[:, : len(cand)].sum(0)
         return AttackOutput(
             scores=scores.numpy(), decisions=(scores > 0).numpy() if p.online else None,
             info={"shadows": p.shadows, "shadow_size": size, "pool": len(pool_images),
-                  "candidates_with_in_and_out_shadows": covered,
-                  "scoring": ("offline (one-sided)" if not p.online or covered == 0 else
-                              "online" if covered == 1.0 else "online (missing IN/OUT means from the average gap)"), "online": p.online, "augment": p.augment, "fixed_variance": p.fixed_variance,
+                  "inclusion": "balanced: each pool example IN in floor or ceil of shadows x size / pool shadows",
+                  "in_shadows_per_candidate": [int(in_counts.min()), int(in_counts.max())],
+                  "scoring": "online (IN and OUT Gaussians)" if p.online else "offline (one-sided, OUT Gaussian)",
+                  "online": p.online, "augment": p.augment, "fixed_variance": p.fixed_variance,
                   "shadow_training": ensemble.how, "shadow_train_time_s": ensemble.seconds,
-                  "data": "candidates are in half of the shadows' pools (online, by design)" if p.online
+                  "data": "candidates are IN for part of the shadows, OUT for the rest (online, by design)" if p.online
                   else "shadow pool (auxiliary) disjoint from the candidates"},
         )
 
@@ -250,45 +292,34 @@ def _gauss_logpdf(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> tor
 
 
 def _online_scores(target: torch.Tensor, shadow: torch.Tensor, inside: torch.Tensor, fixed: bool) -> torch.Tensor:
-    """log N(target; mu_in, s_in) - log N(target; mu_out, s_out) per candidate; shadow [S, N], inside [S, N].
+    """log N(target; mu_in, s_in) - log N(target; mu_out, s_out) per candidate; target [N], shadow [S, N], inside [S, N].
 
-    A candidate that no shadow trained on (or every shadow did) has no IN (OUT)
-    sample; its missing mean is its other mean shifted by the average IN - OUT
-    gap of the candidates that have both. If no candidate has both, every
-    candidate is scored by the offline one-sided test.
+    Every candidate needs at least one IN and one OUT shadow (the balanced design
+    gives them). ``fixed``: one standard deviation for all, the pooled spread of
+    the shadows around their candidate's IN or OUT mean (then the score is
+    monotone in the target's confidence); else per-example IN and OUT spreads.
     """
     w_in, w_out = inside.double(), (~inside).double()
-    both = (w_in.sum(0) > 0) & (w_out.sum(0) > 0)
-    mu_in = (shadow * w_in).sum(0) / w_in.sum(0).clamp(min=1)
-    mu_out = (shadow * w_out).sum(0) / w_out.sum(0).clamp(min=1)
-    if not bool(both.any()):
-        return _offline_scores(target, shadow, fixed, weights=w_out)
-    has_in, has_out = w_in.sum(0) > 0, w_out.sum(0) > 0
-    gap = (mu_in - mu_out)[both].mean()
-    mu_in = torch.where(has_in, mu_in, mu_out + gap)
-    mu_out = torch.where(has_out, mu_out, mu_in - gap)
+    n_in, n_out = w_in.sum(0), w_out.sum(0)
+    if bool((n_in == 0).any() or (n_out == 0).any()):
+        raise ValueError("online LiRA needs an IN and an OUT shadow for every candidate")
+    mu_in, mu_out = (shadow * w_in).sum(0) / n_in, (shadow * w_out).sum(0) / n_out
+    r_in, r_out = (shadow - mu_in) ** 2 * w_in, (shadow - mu_out) ** 2 * w_out
     if fixed:
-        s_in = ((shadow - mu_in) ** 2 * w_in).sum().div(w_in.sum().clamp(min=1)).sqrt().expand_as(mu_in)
-        s_out = ((shadow - mu_out) ** 2 * w_out).sum().div(w_out.sum().clamp(min=1)).sqrt().expand_as(mu_out)
-    else:
-        s_in = (((shadow - mu_in) ** 2 * w_in).sum(0) / w_in.sum(0).clamp(min=1)).sqrt()
-        s_out = (((shadow - mu_out) ** 2 * w_out).sum(0) / w_out.sum(0).clamp(min=1)).sqrt()
-    if not fixed:  # candidates without IN (OUT) samples take the mean per-example spread
-        s_in = torch.where(has_in & (s_in > 0), s_in, s_in[has_in].mean())
-        s_out = torch.where(has_out & (s_out > 0), s_out, s_out[has_out].mean())
-    s_in, s_out = s_in.clamp(min=1e-6), s_out.clamp(min=1e-6)
+        s_in = s_out = ((r_in.sum() + r_out.sum()) / (n_in.sum() + n_out.sum() - 2 * len(target)).clamp(min=1)).sqrt()
+    else:  # an example with a single IN (OUT) sample takes the median per-example spread
+        s_in, s_out = (r_in.sum(0) / (n_in - 1).clamp(min=1)).sqrt(), (r_out.sum(0) / (n_out - 1).clamp(min=1)).sqrt()
+        s_in = torch.where(n_in > 1, s_in, s_in[n_in > 1].median() if bool((n_in > 1).any()) else s_out.median())
+        s_out = torch.where(n_out > 1, s_out, s_out[n_out > 1].median() if bool((n_out > 1).any()) else s_in.median())
+    s_in, s_out = torch.as_tensor(s_in).clamp(min=1e-6), torch.as_tensor(s_out).clamp(min=1e-6)
     return _gauss_logpdf(target, mu_in, s_in) - _gauss_logpdf(target, mu_out, s_out)
 
 
-def _offline_scores(
-    target: torch.Tensor, shadow: torch.Tensor, fixed: bool, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One-sided test against the OUT Gaussian: log P(phi_out <= target); ``weights`` [S, N] marks OUT samples."""
-    w = torch.ones_like(shadow) if weights is None else weights
-    count = w.sum(0).clamp(min=1)
-    mu = (shadow * w).sum(0) / count
+def _offline_scores(target: torch.Tensor, shadow: torch.Tensor, fixed: bool) -> torch.Tensor:
+    """One-sided test against the OUT Gaussian: log P(phi_out <= target); target [N], shadow [S, N] (all OUT)."""
+    mu = shadow.mean(0)
     if fixed:
-        sigma = ((shadow - mu) ** 2 * w).sum().div(w.sum().clamp(min=1)).sqrt().expand_as(mu)
+        sigma = ((shadow - mu) ** 2).sum().div(max(shadow.numel() - shadow.shape[1], 1)).sqrt().expand_as(mu)
     else:
-        sigma = (((shadow - mu) ** 2 * w).sum(0) / count).sqrt()
+        sigma = ((shadow - mu) ** 2).sum(0).div(max(shadow.shape[0] - 1, 1)).sqrt()
     return torch.special.log_ndtr((target - mu) / sigma.clamp(min=1e-6))
