@@ -335,11 +335,17 @@ class _SpikingAdaptive(GradientInversion):
         if update is None or not hasattr(update.model, "timesteps") or not hasattr(update.model, "encoding"):
             raise AttackError(f"{self.registry_name} attacks spiking networks (a model with timesteps and an "
                               f"encoder, e.g. the gascnn defense); this target is not one")
+        deterministic = update.model.encoding == "direct"
+        if deterministic and self.params.eot_samples > 1:  # no encoder randomness: EOT would only split the budget
+            import dataclasses
+
+            self.params = dataclasses.replace(self.params, eot_samples=1)
         output = super().run(observation, budget, progress)
         output.info["adaptive"] = (
             f"same T={update.model.timesteps} and surrogate as the client; {update.model.encoding} encoder; "
             f"objective averaged over {self.params.eot_samples} encoder samples (EOT), sampling passed straight "
             f"through (the gradient of the expected, rate-coded input)"
+            + ("; direct encoding is deterministic, so one sample per evaluation" if deterministic else "")
         )
         return output
 
