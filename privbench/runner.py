@@ -197,9 +197,14 @@ def _execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pa
 
 
 def _stage_defense_artifacts(target_info: dict, staging: Path, prefix: str = "") -> None:
-    """Write the files a defense put in its training record (``training["artifacts"]``: name -> text) as run
-    artifacts (named ``prefix + name``); the row keeps their names only."""
+    """Write the files a defense put in its training record (``training["artifacts"]``: name -> text; and
+    ``training["artifact_files"]``: name -> path, copied) as run artifacts named ``prefix + name``."""
+    import shutil
+
     training = target_info.get("training") or {}
+    for name, source in (training.get("artifact_files") or {}).items():  # files the defense wrote elsewhere
+        if Path(source).is_file():
+            shutil.copyfile(source, staging / (prefix + Path(name).name))
     files = training.get("artifacts")
     if not isinstance(files, dict):
         return

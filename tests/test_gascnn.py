@@ -107,6 +107,7 @@ def test_gascnn_end_to_end_through_the_runner(bench_home):
     assert costs["snn_energy_pj"] > 0 and costs["ann_energy_pj"] > 0
     assert "poisson/T=4" in result.info["target"]["training"]["accuracy_vs_T"]
     assert "EOT" in result.info["attack"]["adaptive"]
+    assert (Store().root / result.artifacts / "synthetic_per_class.png").is_file()
     again = run(RunConfig(**common, attack="invgrad", attack_params={"steps": 2, "restarts": 1}), Store())
     assert again.status == "ok", again.traceback
     assert again.info["target"]["cached"]

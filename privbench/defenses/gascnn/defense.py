@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
@@ -111,6 +112,24 @@ def _stage_cache(key: dict, compute: Callable[[], Any]) -> tuple[Any, bool]:
     torch.save(value, tmp)
     tmp.replace(path)
     return value, False
+
+
+def save_synthetic_grid(images: torch.Tensor, labels: torch.Tensor, classes: int, name: str,
+                        per_class: int = 8) -> "Path":
+    """A PNG with one column per class (up to ``per_class`` synthetic samples each), in the stage cache."""
+    from privbench.artifacts import save_grid
+    from privbench.store import home
+
+    columns, titles = [], []
+    for k in range(classes):
+        picked = images[labels == k][:per_class]
+        blank = torch.zeros(per_class - len(picked), *images.shape[1:])
+        columns.append(torch.cat([picked, blank]))
+        titles.append(f"class {k} (n={int((labels == k).sum())})")
+    path = home() / "cache" / "gascnn" / f"{name}-grid.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(path, columns, titles)
+    return path
 
 
 @torch.no_grad()
@@ -246,6 +265,7 @@ class GASCNN(Defense):
         synthetic, cached2 = _stage_cache({"stage": "synthesis", **key2}, stage2)
         stage_times["synthesis_s"] = time.perf_counter() - t0
         images, labels = synthetic["images"], synthetic["labels"]
+        grid = save_synthetic_grid(images, labels, classes, digest({"grid": key2}))
         n_val = max(1, int(len(images) * p.validation_fraction))
         val_x, val_y, train_x = images[:n_val], labels[:n_val], images[n_val:]
 
@@ -307,6 +327,7 @@ class GASCNN(Defense):
                 "thresholds": converted.thresholds(), "spike_learning": {**tuned["record"], "cached": cached4},
                 "accuracy_vs_T": curve, "energy_vs_T": energy, "stage_times_s": stage_times,
                 "members_read_by": "teacher (stage 1) only",
+                "artifact_files": {"synthetic_per_class.png": str(grid)},
             },
             utility={"accuracy": snn_acc},
             costs=costs,
