@@ -32,16 +32,9 @@ from privbench.runner import run
 from privbench.store import Store
 from privbench.threat import Surface, Victim
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread, as the runner uses
+
 C = 0.5  # clipping bound used below
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as the runner uses: these models are too small to gain from two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +94,7 @@ def _flat(update):
         ({"accountant": "gdp"}, "accountant"),
     ],
 )
+
 def test_bad_parameters_are_config_errors_naming_the_parameter(given, named):
     with pytest.raises(ConfigError, match=named):
         coerce_params(DPParams, given, "defense 'dp'")

@@ -18,19 +18,13 @@ from privbench.runner import run
 from privbench.store import Store
 from privbench.training import TrainParams
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread, as the runner uses
+
+
 pytest.importorskip("snntorch")
 
 TINY = dict(epochs=1, synthesis_steps=3, synthetic_size=40, timesteps=4, finetune_epochs=1, curve="4",
             curve_images=32, percentile=99.9)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as the runner uses: these networks are too small to gain from two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread, as the runner uses
+
 pytest.importorskip("tenseal")
 pytest.importorskip("phe")
 
@@ -39,14 +41,6 @@ from privbench.store import Store  # noqa: E402
 from privbench.threat import Surface, Victim  # noqa: E402
 
 SIZE = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +298,7 @@ def test_hungarian_matching_undoes_a_permutation():
      ({"coeff_mod_bit_sizes": "30,20,30", "scale_bits": "29"}, "scale"),
      ({"observer": "hospital", "clients": "1"}, "clients"), ({"dirichlet_alpha": "0"}, "dirichlet_alpha")],
 )
+
 def test_bad_parameters_are_config_errors(given, named):
     with pytest.raises(ConfigError, match=named):
         coerce_params(HEParams, given, "defense 'he'")
