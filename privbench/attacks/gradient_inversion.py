@@ -108,6 +108,13 @@ def cosine_distance(dummy: tuple[torch.Tensor, ...], target: tuple[torch.Tensor,
 DISTANCES = {"l2": l2_distance, "cosine": cosine_distance}
 
 
+def label_loss(logits: torch.Tensor, labels_or_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against hard labels (int64 [B]) or against the soft labels softmax(label logits [B, K])."""
+    if labels_or_logits.dtype == torch.long:
+        return F.cross_entropy(logits, labels_or_logits)
+    return torch.mean(torch.sum(-F.softmax(labels_or_logits, -1) * F.log_softmax(logits, -1), 1))
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference of horizontally and vertically adjacent pixels; x [B, C, H, W]."""
     return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
@@ -224,11 +231,7 @@ class GradientInversion(Attack):
             evals += p.eot_samples  # each encoder sample is one gradient evaluation of the target model
             value = 0.0
             for _ in range(p.eot_samples):
-                logits = model(x)
-                if y is None:
-                    loss = F.cross_entropy(logits, fixed_labels)
-                else:
-                    loss = torch.mean(torch.sum(-F.softmax(y, -1) * F.log_softmax(logits, -1), 1))
+                loss = label_loss(model(x), fixed_labels if y is None else y)
                 dummy = torch.autograd.grad(loss, params, create_graph=True)
                 value = value + distance_fn(dummy, target) / p.eot_samples
             if p.tv_weight:
@@ -280,11 +283,7 @@ class GradientInversion(Attack):
         images = torch.nan_to_num(images, nan=0.5)
         value = 0.0
         for _ in range(self.params.eot_samples):
-            logits = model(images)
-            if labels_or_logits.dtype == torch.long:
-                loss = F.cross_entropy(logits, labels_or_logits)
-            else:
-                loss = torch.mean(torch.sum(-F.softmax(labels_or_logits, -1) * F.log_softmax(logits, -1), 1))
+            loss = label_loss(model(images), labels_or_logits)
             dummy = torch.autograd.grad(loss, params)
             value += float(DISTANCES[self.params.distance](dummy, tuple(update.gradients))) / self.params.eot_samples
         return value if value == value else float("inf")

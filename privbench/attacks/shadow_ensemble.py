@@ -75,6 +75,14 @@ def train_sequential(build_model: Callable[[int], nn.Module], images, labels, in
     return ShadowEnsemble(models, None, "one after another", time.perf_counter() - start)
 
 
+def _equal_subsets(inside: torch.Tensor, how: str) -> torch.Tensor:
+    """Pool indices [S, size] of each shadow's subset; ``inside`` [S, N] bool must mark equally many per shadow."""
+    sizes = inside.sum(1)
+    if not bool((sizes == sizes[0]).all()):
+        raise ValueError(f"{how} shadow training needs equally large shadow subsets")
+    return torch.stack([torch.nonzero(row).flatten() for row in inside])
+
+
 def train_vectorized(build_model: Callable[[int], nn.Module], images, labels, inside, params: TrainParams, seed: int,
                      progress=None) -> ShadowEnsemble:
     """All shadows at once: each step, shadow s takes the next batch of its own shuffled subset.
@@ -87,10 +95,7 @@ def train_vectorized(build_model: Callable[[int], nn.Module], images, labels, in
 
     start = time.perf_counter()
     shadows = inside.shape[0]
-    sizes = inside.sum(1)
-    if not bool((sizes == sizes[0]).all()):
-        raise ValueError("vectorized shadow training needs equally large shadow subsets")
-    members = torch.stack([torch.nonzero(inside[s]).flatten() for s in range(shadows)])  # [S, size]
+    members = _equal_subsets(inside, "vectorized")
     models = [build_model(seed + s) for s in range(shadows)]
     stacked_params, stacked_buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
@@ -206,10 +211,7 @@ def train_grouped(build_model: Callable[[int], nn.Module], images, labels, insid
     """
     start = time.perf_counter()
     shadows = inside.shape[0]
-    sizes = inside.sum(1)
-    if not bool((sizes == sizes[0]).all()):
-        raise ValueError("grouped shadow training needs equally large shadow subsets")
-    members = torch.stack([torch.nonzero(inside[s]).flatten() for s in range(shadows)])  # [S, size]
+    members = _equal_subsets(inside, "grouped")
     models = [build_model(seed + s) for s in range(shadows)]
     net = StackedSequential(models).train()
     optimizer = make_optimizer(params, net.parameters())

@@ -48,6 +48,7 @@ from privbench.defenses.base import (
     client_gradients,
     fit_plainly,
     gradient_observation,
+    model_at_round,
     released_model_observation,
 )
 from privbench.threat import Observation, Surface, Victim
@@ -360,7 +361,7 @@ class DPSGD(Defense):
 
     def observe(self, surface: Surface, target: Target, victim: Victim, ctx: FitContext) -> Observation:
         if surface is Surface.GRADIENTS:
-            model = _fixed_model_at_round(target, ctx)
+            model = model_at_round(target, lambda: fix_model(ctx.build_model())[0], ctx.config.gradient_round)
             costs = target.costs
             noise = torch.Generator().manual_seed(derive_seed(ctx.config.seed, "dp-observe-noise"))
             update = dp_update(
@@ -411,14 +412,6 @@ class FixedArchitectureTraining(Defense):
 
     def observe(self, surface: Surface, target: Target, victim: Victim, ctx: FitContext) -> Observation:
         if surface is Surface.GRADIENTS:
-            model = _fixed_model_at_round(target, ctx)
+            model = model_at_round(target, lambda: fix_model(ctx.build_model())[0], ctx.config.gradient_round)
             return gradient_observation(model, client_gradients(model, victim.images, victim.labels), victim, ctx)
         return released_model_observation(surface, target, "dp")
-
-
-def _fixed_model_at_round(target: Target, ctx: FitContext) -> nn.Module:
-    """The fixed architecture (a plain module) with the global weights at ``ctx.config.gradient_round``, train mode."""
-    model, _ = fix_model(ctx.build_model())
-    state = target.initial_state if ctx.config.gradient_round == "init" else target.model.state_dict()
-    model.load_state_dict(state)
-    return model.train()

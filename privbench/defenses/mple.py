@@ -46,6 +46,7 @@ from privbench.defenses.base import (
     client_gradients,
     fit_plainly,
     gradient_observation,
+    model_at_round,
     released_model_observation,
 )
 from privbench.defenses.morphing import AugmentedConv, ConvGeometry, MorphingError, PermutedConv
@@ -253,9 +254,8 @@ class MpLe(Defense):
 
     def _service_at_round(self, target: Target, ctx: FitContext) -> tuple[MorphedService, Secrets]:
         """The service network at ``ctx.config.gradient_round`` (train mode) and the provider's secrets."""
-        released = self.released_architecture(ctx.build_model())
-        state = target.initial_state if ctx.config.gradient_round == "init" else target.model.state_dict()
-        released.load_state_dict(state)
+        released = model_at_round(target, lambda: self.released_architecture(ctx.build_model()),
+                                  ctx.config.gradient_round)
         conv = released[0].conv  # C_r as trained (seeded or pretrained): its weights come from the state
         secrets = self.secrets(conv, ctx.nonmembers.image_shape, ctx.config.seed)
         return MorphedService(self.augmented(conv, secrets), list(released)[1:]).train(), secrets

@@ -43,6 +43,7 @@ from privbench.defenses.base import (
     client_gradients,
     fit_plainly,
     gradient_observation,
+    model_at_round,
     released_model_observation,
 )
 from privbench.defenses.gascnn.snn import SpikeRecord, SpikingResNet, ann_energy_pj, balanced_thresholds
@@ -361,11 +362,12 @@ class GASCNN(Defense):
     def observe(self, surface: Surface, target: Target, victim: Victim | None, ctx: FitContext) -> Observation:
         if surface is not Surface.GRADIENTS:
             return released_model_observation(surface, target, "gascnn")
-        state = target.initial_state if ctx.config.gradient_round == "init" else target.model.state_dict()
-        client, attacker_copy = (self.released_architecture(ctx.build_model()) for _ in range(2))
+        client, attacker_copy = (
+            model_at_round(target, lambda: self.released_architecture(ctx.build_model()), ctx.config.gradient_round)
+            for _ in range(2)
+        )
         for model, purpose in ((client, "gascnn-client-encoder"), (attacker_copy, "gascnn-attacker-encoder")):
-            model.load_state_dict(state)
-            model.train().generator.manual_seed(derive_seed(ctx.config.seed, purpose))
+            model.generator.manual_seed(derive_seed(ctx.config.seed, purpose))
         gradients = client_gradients(client, victim.images, victim.labels)
         return gradient_observation(
             attacker_copy, gradients, victim, ctx,
