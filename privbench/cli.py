@@ -350,3 +350,39 @@ def entrypoint() -> None:  # pragma: no cover - console script
 
 if __name__ == "__main__":  # pragma: no cover
     entrypoint()
+
+
+ledger_app = typer.Typer(help="The he defense's hash-chained ledger of aggregation rounds.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("verify")
+def ledger_verify(
+    source: Annotated[str, typer.Argument(help="A run id (its artifact ledger.jsonl) or the path of a ledger.jsonl.")],
+    store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
+) -> None:
+    """Recompute a stored ledger's hash chain; exit 0 if intact, 1 naming the first block that does not match."""
+    from privbench.defenses.he.ledger import verify
+    from privbench.store import Store
+
+    path = Path(source)
+    if not path.is_file():
+        try:
+            store = Store(store_path)
+            row = store.get(source)
+        except _input_errors() as exc:
+            _fail_input(exc)
+        if row is None:
+            _fail_input(ValueError(f"{source!r} is neither a ledger file nor a run id in {store.path}; "
+                                   f"give a path to ledger.jsonl or a run id from 'bench runs'"))
+        path = store.root / (row.artifacts or "") / "ledger.jsonl"
+        if not row.artifacts or not path.is_file():
+            _fail_input(ValueError(f"run {source} has no ledger artifact (only the he defense writes one; "
+                                   f"its defense is {row.config.get('defense')!r})"))
+    result = verify(path.read_bytes())
+    if result.ok:
+        console.print(f"{path}: {result.blocks} blocks, hash chain intact")
+        return
+    err_console.print(f"[bold red]{escape(str(path))}: tampered[/]: {escape(result.reason)} "
+                      f"(block {result.bad_block} of {result.blocks}; every later block is unverified)", highlight=False)
+    raise typer.Exit(1)

@@ -374,3 +374,16 @@ def test_runner_stores_the_aggregators_view_and_the_ledger(bench_home):
     assert row.info["target"]["training"]["artifacts"] == ["ledger.jsonl"]
     assert json.loads(ledger.read_text().splitlines()[-1])["round"] == 1
     assert row.metrics["accuracy_drop"] == pytest.approx(row.metrics["twin_accuracy"] - row.metrics["target_accuracy"])
+
+    from typer.testing import CliRunner
+
+    from privbench.cli import app
+
+    intact = CliRunner().invoke(app, ["ledger", "verify", result.run_id])
+    assert intact.exit_code == 0 and "2 blocks, hash chain intact" in intact.output, intact.output
+    lines = ledger.read_text().splitlines(keepends=True)
+    ledger.write_text(lines[0] + lines[1].replace('"round":1', '"round":7'))
+    tampered = CliRunner().invoke(app, ["ledger", "verify", str(ledger)])
+    assert tampered.exit_code == 1 and "block 1 of 2" in tampered.output, tampered.output
+    unknown = CliRunner().invoke(app, ["ledger", "verify", "no-such-run"])
+    assert unknown.exit_code == 2 and "neither a ledger file nor a run id" in unknown.output
