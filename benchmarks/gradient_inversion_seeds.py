@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--seeds", default="0-9")
     parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--target-seed", type=int, default=None,
+                        help="one trained target for every seed (the seeds then pick victims and attack starts)")
     parser.add_argument("--attack-param", action="append", default=[])
     parser.add_argument("--defense-param", action="append", default=[])
     parser.add_argument("--model-param", action="append", default=[])
@@ -50,7 +52,7 @@ def main() -> None:
     for seed in seed_range(args.seeds):
         config = RunConfig(
             defense=args.defense, attack=args.attack, dataset=args.dataset, model=args.model,
-            image_size=args.image_size, channels=args.channels, seed=seed, split_seed=args.split_seed,
+            image_size=args.image_size, channels=args.channels, seed=seed, split_seed=args.split_seed, target_seed=args.target_seed,
             attack_params=parse_assignments(args.attack_param, "--attack-param"),
             defense_params=parse_assignments(args.defense_param, "--defense-param"),
             model_params=parse_assignments(args.model_param, "--model-param"), victim_batch=args.victim_batch,

@@ -59,6 +59,9 @@ def run(
     channels: Annotated[int, typer.Option(help="1 (grayscale) or 3 (RGB).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the initialization, training, victim choice and attack.")] = 0,
     split_seed: Annotated[int, typer.Option(help="Seed of the members / nonmembers / auxiliary split.")] = 0,
+    target_seed: Annotated[int | None, typer.Option(
+        help="Seed of the trained target alone (initialization, training, defense secrets); --seed then picks only "
+             "the victim and the attack, so several seeds attack one released model. Default: --seed.")] = None,
     defense_param: Annotated[list[str] | None, typer.Option("--defense-param", help="key=value, repeatable.")] = None,
     attack_param: Annotated[list[str] | None, typer.Option("--attack-param", help="key=value, repeatable.")] = None,
     model_param: Annotated[list[str] | None, typer.Option("--model-param", help="key=value, repeatable.")] = None,
@@ -85,7 +88,7 @@ def run(
             raise ConfigError(f"--data-root {data_root} does not exist or is not a folder; pass the folder that holds the dataset")
         config = RunConfig(
             defense=defense, attack=attack, dataset=dataset, model=model, image_size=image_size,
-            channels=channels, seed=seed, split_seed=split_seed,
+            channels=channels, seed=seed, split_seed=split_seed, target_seed=target_seed,
             defense_params=parse_assignments(defense_param, "--defense-param"),
             attack_params=parse_assignments(attack_param, "--attack-param"),
             model_params=parse_assignments(model_param, "--model-param"),
@@ -141,7 +144,8 @@ def _fmt(value) -> str:
 
 def _print_result(result, store) -> None:
     cfg = result.config
-    head = f"{cfg['defense']} x {cfg['attack']} on {cfg['dataset']} ({cfg['model']}, {cfg['image_size']}px, seed {cfg['seed']})"
+    head = f"{cfg['defense']} x {cfg['attack']} on {cfg['dataset']} ({cfg['model']}, {cfg['image_size']}px, seed {cfg['seed']}"
+    head += f", target seed {cfg['target_seed']})" if cfg.get("target_seed") is not None else ")"
     console.print(f"[bold]{head}[/]  run {result.run_id}" + ("  [dim](stored result)[/]" if result.cached else ""))
     if result.status != "ok":
         colour = "red" if result.status == "failed" else "yellow"

@@ -55,7 +55,10 @@ class RunConfig:
     ``seed`` drives the model initialization, training order, victim choice and
     attack; ``split_seed`` the members / nonmembers / auxiliary split, kept
     separate so that runs over many seeds share one split (one target
-    population, one auxiliary set for evaluation networks).
+    population, one auxiliary set for evaluation networks). ``target_seed``,
+    when set, takes over everything that shapes the trained target (model
+    initialization, training, the defense's own secrets), so that a cell of
+    seeds attacks many victims of one released model; None: ``seed`` does both.
     ``gradient_round`` is the point at which a GRADIENTS observation is taken:
     ``init`` (the seed's initialization, as in the DLG paper) or ``trained``
     (after the defense's training). ``victim_batch`` is how many member images
@@ -70,6 +73,7 @@ class RunConfig:
     channels: int = 1
     seed: int = 0
     split_seed: int = 0
+    target_seed: int | None = None
     defense_params: Params = ()
     attack_params: Params = ()
     model_params: Params = ()
@@ -89,8 +93,10 @@ class RunConfig:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
-        for name in ("seed", "split_seed"):
+        for name in ("seed", "split_seed", "target_seed"):
             value = getattr(self, name)
+            if name == "target_seed" and value is None:
+                continue
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
 
@@ -98,7 +104,14 @@ class RunConfig:
         out = dataclasses.asdict(self)
         for name in ("defense_params", "attack_params", "model_params"):
             out[name] = dict(getattr(self, name))
+        if out["target_seed"] is None:  # absent rather than null, so configs from before the field keep their hashes
+            del out["target_seed"]
         return out
+
+    @property
+    def trained_target_seed(self) -> int:
+        """The seed that shapes the trained target: ``target_seed`` if set, else ``seed``."""
+        return self.seed if self.target_seed is None else self.target_seed
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
@@ -122,8 +135,10 @@ class RunConfig:
         return digest({"config": self.to_dict(), "data": data_fingerprint, "privbench": __version__})
 
     def derived_seeds(self) -> dict[str, int]:
-        """Independent seeds for each random choice of the run, all derived from ``seed``."""
-        seeds = {p: derive_seed(self.seed, p) for p in ("init", "train", "victim", "attack")}
+        """Independent seeds for each random choice of the run: the target's from ``trained_target_seed``,
+        the victim's and the attack's from ``seed``."""
+        seeds = {p: derive_seed(self.trained_target_seed, p) for p in ("init", "train")}
+        seeds.update({p: derive_seed(self.seed, p) for p in ("victim", "attack")})
         return {"split": derive_seed(self.split_seed, "split"), **seeds}
 
 

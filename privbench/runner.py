@@ -298,7 +298,7 @@ def _load_or_fit(defense, fresh_model, members, ctx, cache_dir: Path, result: Ru
         {
             "defense": defense.identity(), "model": cfg.model,
             "model_params": dict(cfg.model_params), "dataset": cfg.dataset, "data": result.info["data_fingerprint"],
-            "image_size": cfg.image_size, "channels": cfg.channels, "seed": cfg.seed, "split_seed": cfg.split_seed,
+            "image_size": cfg.image_size, "channels": cfg.channels, "seed": cfg.trained_target_seed, "split_seed": cfg.split_seed,
             "split": cfg.to_dict()["split"], "privbench": __version__,
         }
     )

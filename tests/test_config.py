@@ -63,3 +63,20 @@ def test_assignments_need_key_and_value():
 def test_bad_config_fields_raise(field, value):
     with pytest.raises(ConfigError, match=field):
         RunConfig(**{field: value})
+
+
+def test_target_seed_fixes_the_target_while_seed_picks_victim_and_attack():
+    a, b = RunConfig(seed=1, target_seed=7), RunConfig(seed=2, target_seed=7)
+    sa, sb = a.derived_seeds(), b.derived_seeds()
+    assert sa["init"] == sb["init"] == RunConfig(seed=7).derived_seeds()["init"]
+    assert sa["train"] == sb["train"]
+    assert sa["victim"] != sb["victim"] and sa["attack"] != sb["attack"]
+    assert a.config_hash() != b.config_hash()
+    assert RunConfig.from_dict(a.to_dict()) == a
+
+
+def test_unset_target_seed_leaves_the_config_dict_and_hash_as_before():
+    cfg = RunConfig(seed=3)
+    assert "target_seed" not in cfg.to_dict() and cfg.trained_target_seed == 3
+    assert cfg.config_hash() != RunConfig(seed=3, target_seed=3).config_hash()  # explicit is a different request
+    assert cfg.derived_seeds() == RunConfig(seed=3, target_seed=3).derived_seeds()

@@ -46,6 +46,17 @@ def test_same_config_is_served_from_the_store_and_force_recomputes(store):
     assert store.counts() == {"ok": 2}
 
 
+def test_seeds_with_one_target_seed_attack_different_victims_of_one_cached_target(store):
+    first = run(RunConfig(**TINY, seed=0, target_seed=5), store)
+    second = run(RunConfig(**TINY, seed=1, target_seed=5), store)
+    assert not first.info["target"]["cached"] and second.info["target"]["cached"]
+    assert second.info["target"]["cache_key"] == first.info["target"]["cache_key"]
+    assert first.metrics["target_accuracy"] == second.metrics["target_accuracy"]
+    assert first.info["victim_ids"] != second.info["victim_ids"]
+    own = run(RunConfig(**TINY, seed=5), store)  # seed 5 alone trains the same target
+    assert own.info["target"]["cache_key"] == first.info["target"]["cache_key"]
+
+
 def test_resolved_equivalent_config_hits_the_cache(store):
     first = run(RunConfig(**TINY), store)
     explicit = dict(TINY, attack_params={"steps": "5", "restarts": "1", "lr": "1.0"})

@@ -208,7 +208,7 @@ class MpLe(Defense):
         conv = prepare_first_layer(model, p)
         _, rest = split_first_conv(model)
         t0 = time.perf_counter()
-        secrets = self.secrets(conv, members.image_shape, ctx.config.seed)
+        secrets = self.secrets(conv, members.image_shape, ctx.config.trained_target_seed)
         first = self.augmented(conv, secrets)
         setup_s = time.perf_counter() - t0
         # The service's own init, with its input channels permuted: the same function as the plain model at
@@ -257,7 +257,7 @@ class MpLe(Defense):
         released = model_at_round(target, lambda: self.released_architecture(ctx.build_model()),
                                   ctx.config.gradient_round)
         conv = released[0].conv  # C_r as trained (seeded or pretrained): its weights come from the state
-        secrets = self.secrets(conv, ctx.nonmembers.image_shape, ctx.config.seed)
+        secrets = self.secrets(conv, ctx.nonmembers.image_shape, ctx.config.trained_target_seed)
         return MorphedService(self.augmented(conv, secrets), list(released)[1:]).train(), secrets
 
     def observe(self, surface: Surface, target: Target, victim: Victim | None, ctx: FitContext) -> Observation:

@@ -221,7 +221,7 @@ class GASCNN(Defense):
     def _base_key(self, ctx: FitContext, members_ids: str) -> dict:
         c = ctx.config
         return {"defense": "gascnn", "model": c.model, "model_params": dict(c.model_params), "dataset": c.dataset,
-                "image_size": c.image_size, "channels": c.channels, "seed": c.seed, "members": members_ids,
+                "image_size": c.image_size, "channels": c.channels, "seed": c.trained_target_seed, "members": members_ids,
                 "teacher": dataclasses.asdict(self.params.teacher())}
 
     def train_teacher(self, model: nn.Module, members, ctx: FitContext) -> tuple[SmallResNet, dict, dict]:
@@ -257,9 +257,9 @@ class GASCNN(Defense):
 
         def stage2():
             generator, record = train_generator(teacher, classes, c.channels, c.image_size, synthesis,
-                                                derive_seed(c.seed, "gascnn-generator"), progress("synthesis"))
+                                                derive_seed(c.trained_target_seed, "gascnn-generator"), progress("synthesis"))
             images, labels, agreement = synthesize(generator, teacher, p.synthetic_size, classes,
-                                                   derive_seed(c.seed, "gascnn-synthetic"))
+                                                   derive_seed(c.trained_target_seed, "gascnn-synthetic"))
             return {"images": images, "labels": labels, "record": {**record, "conditioned_agreement": agreement}}
 
         t0 = time.perf_counter()
@@ -275,11 +275,11 @@ class GASCNN(Defense):
         selection = {}
         for percentile in candidates:
             snn = SpikingResNet(teacher, balanced_thresholds(teacher, train_x, percentile), p.timesteps,
-                                p.encoding, p.surrogate_slope, seed=derive_seed(c.seed, "gascnn-encoder"))
+                                p.encoding, p.surrogate_slope, seed=derive_seed(c.trained_target_seed, "gascnn-encoder"))
             selection[percentile] = snn_accuracy(snn, val_x, val_y, p.timesteps, p.encoding)
         chosen = max(selection, key=lambda q: (selection[q], -abs(q - 99.9)))
         converted = SpikingResNet(teacher, balanced_thresholds(teacher, train_x, chosen), p.timesteps, p.encoding,
-                                  p.surrogate_slope, seed=derive_seed(c.seed, "gascnn-encoder"))
+                                  p.surrogate_slope, seed=derive_seed(c.trained_target_seed, "gascnn-encoder"))
         stage_times["conversion_s"] = time.perf_counter() - t0
 
         key4 = {**key2, "percentile": chosen, "snn": {f: getattr(p, f) for f in (
@@ -288,7 +288,7 @@ class GASCNN(Defense):
 
         def stage4():
             snn = copy.deepcopy(converted)
-            record = spike_learning(snn, teacher, train_x, p, derive_seed(c.seed, "gascnn-finetune"),
+            record = spike_learning(snn, teacher, train_x, p, derive_seed(c.trained_target_seed, "gascnn-finetune"),
                                     progress("spike learning"))
             return {"state": snn.state_dict(), "record": record}
 
