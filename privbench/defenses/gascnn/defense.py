@@ -65,7 +65,7 @@ class GASCNNParams(TrainParams):
     validation_fraction: float = 0.1  # part of the synthetic set used to select the threshold percentile
     encoding: Literal["direct", "poisson"] = "direct"
     timesteps: int = 16  # T of spike learning and of the released SNN
-    percentile: float = 0.0  # threshold balancing percentile; 0: select from 99..100 on the synthetic validation
+    percentile: float = 0.0  # threshold balancing percentile; 0: select from PERCENTILE_CANDIDATES (98..100) on the synthetic validation
     finetune_epochs: int = 2
     finetune_lr: float = 1e-4
     finetune_batch_size: int = 64
