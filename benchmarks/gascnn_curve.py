@@ -1,0 +1,109 @@
+"""GASCNN's measured claims from one stored (or freshly run) gascnn row: accuracy vs T, energy vs T, stage times.
+
+Prints, for the released SNN of one config (issue 6, acceptance 1-3):
+
+- the time of each stage (teacher, synthesis, conversion, spike learning, evaluation) and the utility twin;
+- teacher and SNN accuracy on nonmembers and their gap, beside the paper's claim (within 3 points);
+- accuracy vs T for both encodings, converted and fine-tuned;
+- energy per inference vs T: ANN MACs x 4.6 pJ against the SNN's measured synaptic operations x 0.9 pJ
+  (plus the first layer's MACs x T x 4.6 pJ under direct encoding), the ratio beside the paper's 52x,
+  and the per-layer spike rates behind it.
+
+    PRIVBENCH_DATA_DIR=../shared/datasets python benchmarks/gascnn_curve.py              # defaults of the issue
+    python benchmarks/gascnn_curve.py --dataset synthetic-mri --image-size 16 \\
+        --defense-param synthesis_steps=5 --defense-param synthetic_size=64 ...           # smoke
+
+The fit is the runner's (stored row and cached stages reused). The row's attack is loss-threshold membership
+inference against the released SNN, printed last beside the same attack on the teacher (`none`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from privbench.config import RunConfig, parse_assignments
+from privbench.runner import RunOptions, run
+from privbench.store import Store
+from privbench.training import TrainParams
+
+PAPER_ENERGY_RATIO = 52.0
+PAPER_ACCURACY_DROP_POINTS = 3.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="brain-tumor-mri")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--defense-param", action="append", default=[])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--store", default=None)
+    args = parser.parse_args()
+
+    config = RunConfig(
+        defense="gascnn", attack="loss-threshold", dataset=args.dataset, model="resnet", image_size=args.image_size,
+        channels=args.channels, seed=args.seed, defense_params=parse_assignments(args.defense_param, "--defense-param"),
+    )
+    store, options = Store(args.store), RunOptions(threads=args.threads)
+    result = run(config, store, options)
+    if result.status == "failed":
+        raise SystemExit(f"the gascnn run failed: {result.error}")
+    target = result.info["target"]
+    training, costs = target["training"], result.costs
+
+    print(f"run {result.run_id}{' (stored)' if result.cached else ''}; target cached: {target.get('cached')}")
+    print("\nstage times (s):")
+    for name, seconds in training["stage_times_s"].items():
+        print(f"  {name:<20} {seconds:8.1f}")
+    print(f"  {'fit total':<20} {costs['train_time_s']:8.1f}")
+    if costs.get("twin_train_time_s") is not None:
+        print(f"  {'utility twin':<20} {costs['twin_train_time_s']:8.1f}")
+
+    gap = 100 * costs["accuracy_gap_teacher_minus_snn"]
+    print(f"\naccuracy on nonmembers: teacher ResNet {costs['teacher_accuracy']:.4f}, released SNN "
+          f"{costs['snn_accuracy']:.4f}: gap {gap:.2f} points (paper: under {PAPER_ACCURACY_DROP_POINTS:.0f})")
+    print(f"threshold percentile {training['percentile']} chosen on the synthetic validation part: "
+          f"{training['percentile_selection']}")
+
+    curve, energy = training["accuracy_vs_T"], training["energy_vs_T"]
+    steps = sorted({int(k.split("=")[1]) for k in curve})
+    images = next(iter(energy.values()))["images"]
+    print(f"\naccuracy vs T (first {images} nonmembers):")
+    print(f"  {'':<22}" + "".join(f"T={t:<7}" for t in steps))
+    for encoding in ("direct", "poisson"):
+        for stage in ("converted", "fine_tuned"):
+            cells = [curve.get(f"{encoding}/T={t}", {}).get(stage) for t in steps]
+            print(f"  {encoding + ' ' + stage:<22}" + "".join(f"{c:<9.3f}" if c is not None else "n/a      " for c in cells))
+
+    ann_uj = next(iter(energy.values()))["ann_energy_pj"] / 1e6
+    print(f"\nenergy per inference: ANN {costs['ann_macs'] / 1e6:.2f} M MACs x 4.6 pJ = {ann_uj:.2f} uJ "
+          f"(paper's ratio: {PAPER_ENERGY_RATIO:.0f}x)")
+    for encoding in ("direct", "poisson"):
+        print(f"  {encoding}:")
+        for t in steps:
+            e = energy.get(f"{encoding}/T={t}")
+            if not e:
+                continue
+            rates = ", ".join(f"{k} {v:.3f}" for k, v in e["spike_rates"].items())
+            ratio = e["ratio_ann_over_snn"]
+            print(f"    T={t:<3} SNN {e['snn_energy_pj'] / 1e6:8.2f} uJ  ANN/SNN {ratio:6.2f}x  "
+                  f"synaptic ops {e['synaptic_ops_per_image'] / 1e6:7.2f} M  analog MACs "
+                  f"{e['analog_macs_per_image'] / 1e6:6.2f} M  spike rates: {rates}")
+
+    # the teacher is the utility twin: `none` with the teacher's training, so its target is already cached
+    teacher_params = {k: v for k, v in result.config["defense_params"].items() if k in _TRAIN_FIELDS}
+    teacher = run(dataclasses.replace(config, defense="none", defense_params=teacher_params), store, options)
+    print("\nloss-threshold membership inference (AUC [95% CI], TPR at 1% FPR):")
+    for name, row in (("released SNN (gascnn)", result), ("teacher ResNet (none)", teacher)):
+        m = row.metrics
+        tpr = m.get("tpr_at_0.01_fpr")
+        print(f"  {name:<22} AUC {m['auc']:.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}]  "
+              f"TPR@1% {'n/a (too few nonmembers)' if tpr is None else f'{tpr:.3f}'}  run {row.run_id}")
+
+
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainParams)}
+
+if __name__ == "__main__":
+    main()
