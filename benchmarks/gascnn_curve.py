@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from privbench import registry
 from privbench.config import RunConfig, parse_assignments
 from privbench.runner import RunOptions, run
 from privbench.store import Store
-from privbench.training import TrainParams
 
 PAPER_ENERGY_RATIO = 52.0
 PAPER_ACCURACY_DROP_POINTS = 3.0
@@ -77,7 +77,7 @@ def main() -> None:
             cells = [curve.get(f"{encoding}/T={t}", {}).get(stage) for t in steps]
             print(f"  {encoding + ' ' + stage:<22}" + "".join(f"{c:<9.3f}" if c is not None else "n/a      " for c in cells))
 
-    ann_uj = next(iter(energy.values()))["ann_energy_pj"] / 1e6
+    ann_uj = costs["ann_energy_pj"] / 1e6
     print(f"\nenergy per inference: ANN {costs['ann_macs'] / 1e6:.2f} M MACs x 4.6 pJ = {ann_uj:.2f} uJ "
           f"(paper's ratio: {PAPER_ENERGY_RATIO:.0f}x)")
     for encoding in ("direct", "poisson"):
@@ -92,8 +92,10 @@ def main() -> None:
                   f"synaptic ops {e['synaptic_ops_per_image'] / 1e6:7.2f} M  analog MACs "
                   f"{e['analog_macs_per_image'] / 1e6:6.2f} M  spike rates: {rates}")
 
-    # the teacher is the utility twin: `none` with the teacher's training, so its target is already cached
-    teacher_params = {k: v for k, v in result.config["defense_params"].items() if k in _TRAIN_FIELDS}
+    # the teacher is the defense's utility twin (`none` with the teacher's training), so its target is cached
+    defense_cls = registry.defenses.get("gascnn")
+    twin = defense_cls(defense_cls.Params(**result.config["defense_params"])).utility_twin()
+    teacher_params = dataclasses.asdict(twin.params)
     teacher = run(dataclasses.replace(config, defense="none", defense_params=teacher_params), store, options)
     print("\nloss-threshold membership inference (AUC [95% CI], TPR at 1% FPR):")
     for name, row in (("released SNN (gascnn)", result), ("teacher ResNet (none)", teacher)):
@@ -102,8 +104,6 @@ def main() -> None:
         print(f"  {name:<22} AUC {m['auc']:.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}]  "
               f"TPR@1% {'n/a (too few nonmembers)' if tpr is None else f'{tpr:.3f}'}  run {row.run_id}")
 
-
-_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainParams)}
 
 if __name__ == "__main__":
     main()
