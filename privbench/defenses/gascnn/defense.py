@@ -249,6 +249,7 @@ class GASCNN(Defense):
         """Stages 2-4 and the measurements; they read the teacher, synthetic data and nonmembers (utility) only."""
         p: GASCNNParams = self.params
         c = ctx.config
+        seed = c.trained_target_seed
         classes = teacher.fc.out_features
         progress = (lambda stage: (lambda d, t: ctx.progress(stage, d, t))) if ctx.progress else (lambda stage: None)
 
@@ -257,9 +258,9 @@ class GASCNN(Defense):
 
         def stage2():
             generator, record = train_generator(teacher, classes, c.channels, c.image_size, synthesis,
-                                                derive_seed(c.trained_target_seed, "gascnn-generator"), progress("synthesis"))
+                                                derive_seed(seed, "gascnn-generator"), progress("synthesis"))
             images, labels, agreement = synthesize(generator, teacher, p.synthetic_size, classes,
-                                                   derive_seed(c.trained_target_seed, "gascnn-synthetic"))
+                                                   derive_seed(seed, "gascnn-synthetic"))
             return {"images": images, "labels": labels, "record": {**record, "conditioned_agreement": agreement}}
 
         t0 = time.perf_counter()
@@ -271,15 +272,16 @@ class GASCNN(Defense):
         val_x, val_y, train_x = images[:n_val], labels[:n_val], images[n_val:]
 
         t0 = time.perf_counter()
+        encoder_seed = derive_seed(seed, "gascnn-encoder")
         candidates = (p.percentile,) if p.percentile else PERCENTILE_CANDIDATES
         selection = {}
         for percentile in candidates:
             snn = SpikingResNet(teacher, balanced_thresholds(teacher, train_x, percentile), p.timesteps,
-                                p.encoding, p.surrogate_slope, seed=derive_seed(c.trained_target_seed, "gascnn-encoder"))
+                                p.encoding, p.surrogate_slope, seed=encoder_seed)
             selection[percentile] = snn_accuracy(snn, val_x, val_y, p.timesteps, p.encoding)
         chosen = max(selection, key=lambda q: (selection[q], -abs(q - 99.9)))
         converted = SpikingResNet(teacher, balanced_thresholds(teacher, train_x, chosen), p.timesteps, p.encoding,
-                                  p.surrogate_slope, seed=derive_seed(c.trained_target_seed, "gascnn-encoder"))
+                                  p.surrogate_slope, seed=encoder_seed)
         stage_times["conversion_s"] = time.perf_counter() - t0
 
         key4 = {**key2, "percentile": chosen, "snn": {f: getattr(p, f) for f in (
@@ -288,7 +290,7 @@ class GASCNN(Defense):
 
         def stage4():
             snn = copy.deepcopy(converted)
-            record = spike_learning(snn, teacher, train_x, p, derive_seed(c.trained_target_seed, "gascnn-finetune"),
+            record = spike_learning(snn, teacher, train_x, p, derive_seed(seed, "gascnn-finetune"),
                                     progress("spike learning"))
             return {"state": snn.state_dict(), "record": record}
 
