@@ -135,10 +135,16 @@ class RunConfig:
         return digest({"config": self.to_dict(), "data": data_fingerprint, "privbench": __version__})
 
     def derived_seeds(self) -> dict[str, int]:
-        """Independent seeds for each random choice of the run: the target's from ``trained_target_seed``,
-        the victim's and the attack's from ``seed``."""
-        seeds = {p: derive_seed(self.trained_target_seed, p) for p in ("init", "train")}
-        seeds.update({p: derive_seed(self.seed, p) for p in ("victim", "attack")})
+        """Independent seeds for each random choice of the run, by purpose.
+
+        From ``trained_target_seed``: ``init`` (model initialization), ``train`` (training order, noise),
+        ``secrets`` (a defense's own secrets: MpLe's matrix and permutation). From ``seed``: ``victim``
+        (which members form the victim batch), ``observe`` (fresh randomness in an observation: DP noise on
+        the shared update, an encoder's samples), ``attack`` (the attack's starts). Defenses and attacks
+        read these, never ``config.seed``.
+        """
+        seeds = {p: derive_seed(self.trained_target_seed, p) for p in ("init", "train", "secrets")}
+        seeds.update({p: derive_seed(self.seed, p) for p in ("victim", "observe", "attack")})
         return {"split": derive_seed(self.split_seed, "split"), **seeds}
 
 

@@ -151,8 +151,12 @@ def _execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pa
             cfg.model, dict(cfg.model_params), cfg.channels, cfg.image_size, data.num_classes, seeds["init"]
         )
 
+    data_identity = {
+        "dataset": cfg.dataset, "data_fingerprint": result.info["data_fingerprint"], "split_seed": cfg.split_seed,
+        "split": cfg.to_dict()["split"], "image_size": cfg.image_size, "channels": cfg.channels,
+    }
     ctx = FitContext(config=cfg, build_model=fresh_model, nonmembers=parts.nonmembers, seeds=seeds, progress=progress,
-                     members=parts.members)
+                     members=parts.members, data_identity=data_identity)
     target, target_info = _load_or_fit(defense, fresh_model, parts.members, ctx, cache_dir / "targets", result)
     _stage_defense_artifacts(target_info, staging)
     result.info["target"] = target_info

@@ -36,7 +36,12 @@ class Target:
 
 @dataclass
 class FitContext:
-    """What a defense may use besides the members: a model factory, held-out data for utility, seeds."""
+    """What a defense may use besides the members: a model factory, held-out data for utility, seeds.
+
+    ``seeds`` are ``RunConfig.derived_seeds()`` (by purpose: init, train, secrets, victim, observe, attack).
+    ``data_identity`` names the data the target is fitted on (dataset, data fingerprint, split seed and
+    spec, image size, channels): part of every cache key of a defense's own stages.
+    """
 
     config: "RunConfig"
     build_model: Callable[[], nn.Module]  # a fresh model at the seed's initialization
@@ -44,6 +49,7 @@ class FitContext:
     seeds: dict[str, int]
     progress: Callable[[str, int, int], None] | None = None
     members: "ImageDataset | None" = None  # the training set, for observations of a party that receives it
+    data_identity: dict[str, Any] = field(default_factory=dict)
 
 
 class Defense(ABC):
