@@ -94,7 +94,7 @@ def run(
         _discard(staging)  # bad input or Ctrl-C: nothing is stored
         raise
     except Exception as exc:
-        from privbench.attacks.base import AttackError
+        from privbench.threat import AttackError
 
         result.status = "unsupported" if isinstance(exc, AttackError) else "failed"
         result.error = f"{type(exc).__name__}: {exc}"

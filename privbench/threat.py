@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from privbench.datasets import ImageDataset
 
 
+class AttackError(RuntimeError):
+    """The attack cannot run on what the defense exposes (wrong surface, missing field); stored as unsupported."""
+
+
+class UnsupportedPair(AttackError):
+    """The pair cannot be run honestly within the attack's budget; stored as unsupported."""
+
+
 class Surface(str, enum.Enum):
     GRADIENTS = "gradients"  # the update a client shares for the victim batch
     MODEL_WHITEBOX = "model_whitebox"  # the released model's weights and architecture

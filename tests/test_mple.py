@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from privbench import morphing
 from privbench.config import ConfigError, RunConfig
 from privbench.datasets import load
 from privbench.datasets import splits as splitlib
-from privbench.defenses import morphing
 from privbench.defenses.base import FitContext
 from privbench.defenses.mple import MorphedService, MpLe, MpLeParams, permute_leading_channels, split_first_conv
 from privbench.models import build_model

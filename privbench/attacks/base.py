@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
-from privbench.threat import Observation, Surface
+from privbench.threat import AttackError, Observation, Surface, UnsupportedPair
 
 if TYPE_CHECKING:
     import numpy as np
@@ -16,10 +16,7 @@ if TYPE_CHECKING:
 
 Family = Literal["reconstruction", "class_inversion", "membership"]
 Progress = Callable[[int, int], None]  # (done, total) in the attack's own units
-
-
-class AttackError(RuntimeError):
-    """The attack cannot run on what it was given (wrong surface, missing field)."""
+__all__ = ["Attack", "AttackError", "AttackOutput", "Family", "Progress", "UnsupportedPair"]
 
 
 @dataclass

@@ -33,11 +33,7 @@ from torch.nn import functional as F
 from privbench import registry
 from privbench.attacks.base import Attack, AttackError, AttackOutput, Progress
 from privbench.config import Budget, ConfigError
-from privbench.threat import Observation, Surface
-
-
-class UnsupportedPair(AttackError):
-    """The pair cannot be run honestly within the attack's budget; stored as unsupported."""
+from privbench.threat import Observation, Surface, UnsupportedPair
 
 
 @torch.no_grad()

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from privbench import registry
+from privbench import morphing, registry
 from privbench.attacks.base import Attack, AttackError, AttackOutput, Progress
 from privbench.config import Budget
-from privbench.defenses import morphing
 from privbench.threat import Observation, SharedData, Surface
 
 

@@ -162,7 +162,7 @@ def released_model_observation(surface: Surface, target: Target, defense: str) -
     """
     import copy
 
-    from privbench.attacks.base import AttackError
+    from privbench.threat import AttackError
 
     if surface is Surface.SHARED_DATA:
         raise AttackError(

@@ -36,9 +36,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from privbench import registry
+from privbench import morphing, registry
 from privbench.config import ConfigError, derive_seed
-from privbench.defenses import morphing
 from privbench.defenses.base import (
     Defense,
     FitContext,
@@ -49,7 +48,7 @@ from privbench.defenses.base import (
     model_at_round,
     released_model_observation,
 )
-from privbench.defenses.morphing import AugmentedConv, ConvGeometry, MorphingError, PermutedConv
+from privbench.morphing import AugmentedConv, ConvGeometry, MorphingError, PermutedConv
 from privbench.threat import Observation, SharedData, Surface, Victim
 from privbench.training import TensorSet, TrainParams, accuracy, train_classifier
 

@@ -321,7 +321,7 @@ class DerivedUpdate:
 
 def derive_update(log: ViewLog, observer: str, round_: int, lr: float, scheme: str) -> DerivedUpdate:
     """Derive what ``observer`` (``aggregator``, ``hospital-k`` or ``outsider``) can attack in ``round_``."""
-    from privbench.attacks.base import AttackError
+    from privbench.threat import AttackError
 
     if observer == OUTSIDER:
         raise AttackError("the outsider sees only the released model: no client update reaches it, so there is no "
