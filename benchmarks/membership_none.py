@@ -33,37 +33,23 @@ from privbench import config as configlib
 from privbench import datasets as datasetlib
 from privbench import registry, runner
 from privbench.config import RunConfig
-from privbench.datasets import splits as splitlib
 from privbench.datasets.splits import SplitSpec
-from privbench.defenses.base import FitContext
 from privbench.metrics.membership import FPR_TARGETS, membership_metrics
-from privbench.models import build_model
 from privbench.provenance import configure_threads
-from privbench.store import RunResult, home
 
 
 def membership_setup(cfg: RunConfig):
-    """(observation, is_member [N] bool, target record) exactly as the runner builds them for ``cfg``."""
-    cfg = configlib.resolve(cfg)
-    seeds = cfg.derived_seeds()
-    cache_dir = home() / "cache"
-    data = datasetlib.load(cfg.dataset, cfg.image_size, cfg.channels, cache_dir=cache_dir / "datasets")
-    parts = splitlib.make(data, cfg.split, seeds["split"])
-    defense_cls = registry.defenses.get(cfg.defense)
-    defense = defense_cls(defense_cls.Params(**dict(cfg.defense_params)))
+    """(observation, is_member [N] bool, target, target info) exactly as the runner builds them for ``cfg``."""
+    import tempfile
+    from pathlib import Path
 
-    def fresh():
-        return build_model(cfg.model, dict(cfg.model_params), cfg.channels, cfg.image_size, data.num_classes,
-                           seeds["init"])
-
-    ctx = FitContext(config=cfg, build_model=fresh, nonmembers=parts.nonmembers, seeds=seeds)
-    record = RunResult(run_id="benchmark", created_at="", status="ok", config={}, config_hash="", cache_key="",
-                       request_key="", privbench_version="")
-    record.info["data_fingerprint"] = datasetlib.fingerprint(cfg.dataset, None)
-    target, info = runner._load_or_fit(defense, fresh, parts.members, ctx, cache_dir / "targets", record)
-    surface = registry.attacks.get("loss-threshold").surface
-    observation, is_member = runner._model_observation(defense, surface, target, parts, ctx, data.num_classes)
-    return observation, np.asarray(is_member, dtype=bool), target, {"splits": parts.describe(), **info}
+    cfg = configlib.resolve(cfg)  # the loss-threshold config: its attack never shapes the observation
+    options = runner.RunOptions()
+    with tempfile.TemporaryDirectory() as staging:
+        prepared = runner.prepare(cfg, options, Path(staging), datasetlib.fingerprint(cfg.dataset, None))
+    target = prepared.fitted.target
+    return (prepared.observation, np.asarray(prepared.truth.is_member, dtype=bool), target,
+            {"splits": prepared.info["splits"], **prepared.fitted.info})
 
 
 def art_native(observation, is_member: np.ndarray, labelled: np.ndarray, attack_model: str) -> np.ndarray:

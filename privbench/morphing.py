@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import scipy.linalg
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from privbench.threat import MorphedLayer
 
 
 class MorphingError(ValueError):
@@ -87,6 +91,24 @@ def unpad(flat: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     """[B, D] -> [B, C, H, W]: the inverse of ``pad_flat`` (padding values dropped)."""
     p, c, h, w = geometry.padding, geometry.channels, geometry.height, geometry.width
     return flat.reshape(-1, c, h + 2 * p, w + 2 * p)[:, :, p : p + h, p : p + w]
+
+
+def layer_geometry(layer: "MorphedLayer") -> ConvGeometry:
+    """The convolution geometry behind a morphed first layer, from its public shapes."""
+    c, h, w = layer.image_shape
+    f, hf, _ = layer.feature_shape
+    return ConvGeometry(c, h, w, f, h + 2 * layer.padding - hf + 1, layer.padding)
+
+
+def read_morphed(sent: torch.Tensor, layer: "MorphedLayer", scaling: str = "minmax") -> torch.Tensor:
+    """The naive reading of morphed vectors [B, D] as images [B, C, H, W] in [0, 1]: unpad, then scale
+    (``minmax`` per image, or ``clip``)."""
+    images = unpad(sent.double().flatten(1), layer_geometry(layer))
+    if scaling == "minmax":
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        high = images.amax(dim=(1, 2, 3), keepdim=True)
+        images = (images - low) / (high - low).clamp(min=1e-12)
+    return torch.nan_to_num(images, nan=0.5).clamp(0, 1).float()
 
 
 def convolve_rows(rows: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
@@ -167,15 +189,3 @@ class AugmentedConv(nn.Module):
     def forward(self, morphed: torch.Tensor) -> torch.Tensor:
         out = morphed.to(self.dense.dtype) @ self.dense
         return out.reshape(-1, *self.feature_shape) + self.bias.reshape(1, -1, 1, 1)
-
-
-class PermutedConv(nn.Module):
-    """``C_r`` followed by the secret channel permutation, on images: what ``AugmentedConv`` computes on t."""
-
-    def __init__(self, conv: nn.Conv2d, permutation: torch.Tensor):
-        super().__init__()
-        self.conv = conv
-        self.register_buffer("permutation", permutation.clone())
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.conv(images)[:, self.permutation]

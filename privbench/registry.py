@@ -201,6 +201,8 @@ attacks: Registry = Registry(
         "mple-view": "privbench.attacks.mple",
         "mple-feature-leak": "privbench.attacks.mple",
         "mple-known-plaintext": "privbench.attacks.mple",
+        "dlg-mple": "privbench.attacks.mple",
+        "invgrad-mple": "privbench.attacks.mple",
     },
 )
 datasets: Registry = Registry(
@@ -229,6 +231,8 @@ metrics: Registry = Registry(
         "psnr": "privbench.metrics.image",
         "ssim": "privbench.metrics.image",
         "label_accuracy": "privbench.metrics.image",
+        "reconstruction": "privbench.metrics.score_reconstruction",
+        "membership": "privbench.metrics.score_membership",
     },
 )
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import nn
 
@@ -34,29 +35,68 @@ class Surface(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class UpdateRule:
+    """How a shared update is formed from the batch's per-example gradients, as far as the protocol is public.
+
+    update = (sum_i clip(g_i) + noise) / divisor, with clip(g) = g * min(1, clip_norm / (|g|_2 + 1e-6)),
+    where g_i = d(cross-entropy of example i)/d(params). The defaults give the plain mean gradient.
+    ``clip_norm`` None: no clipping. ``divisor`` None: the batch size (the mean). ``noise_std``: the
+    per-coordinate std of the Gaussian noise added to the sum (public, but its draw is not): an attacker
+    can simulate everything here except the noise itself.
+    """
+
+    clip_norm: float | None = None
+    divisor: float | None = None
+    noise_std: float = 0.0
+
+    @property
+    def is_plain_mean(self) -> bool:
+        return self.clip_norm is None and self.divisor is None
+
+
+@dataclass(frozen=True)
+class MorphedLayer:
+    """A first layer that takes morphed vectors, and what its holder knows about it (MpLe's C_ac).
+
+    ``dense`` float32 [D, F*H'*W'] and ``bias`` [F]: ``t @ dense + bias`` are the first-layer features
+    [F, H', W'] (``feature_shape``) of the image behind the morphed vector t [D]. ``image_shape``
+    (C, H, W) and ``padding`` are public hyperparameters (D = C (H+2p) (W+2p)). ``public_kernel``
+    [F, C, k, k] is the image-space convolution behind the layer when it is public, else None.
+    """
+
+    dense: "torch.Tensor"
+    bias: "torch.Tensor"
+    feature_shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int]
+    padding: int
+    public_kernel: "torch.Tensor | None" = None
+
+
+@dataclass(frozen=True)
 class GradientUpdate:
     """The update one client shares for the victim batch, as the defense lets it out.
 
-    ``model`` is the global model at ``round`` (the server knows it: it sent it),
-    in train mode. ``gradients`` are, per parameter of ``model`` in
-    ``model.parameters()`` order, d(mean cross-entropy over the batch)/d(param)
-    after whatever the defense does to them. ``batch_size`` is the number of
-    images behind the update (public in FL: the client reports it).
-    ``encrypted``: the observer holds only ciphertexts of the update (HE aggregator): ``gradients`` is
-    empty. ``local_steps``: SGD steps behind the update; with more than one it is (w_t - w_t+1) / lr
-    after several steps, not a gradient.
+    ``model`` is a fresh copy of the global model at ``round`` (the server knows it: it sent it), in
+    train mode, with the global model's buffers (never statistics of the victim batch).
+    ``gradients`` are, per parameter of ``model`` in ``model.parameters()`` order, the update formed
+    by ``rule`` (default: d(mean cross-entropy over the batch)/d(param)) and then whatever else the
+    defense does to it. ``batch_size`` is the number of examples behind the update (public in FL: the
+    client reports it). ``morphed``: the model's input is a morphed vector [1, 1, D], not an image,
+    and this is the first layer the observer holds (None: the model takes images [C, H, W]).
+    ``encrypted``: the observer holds only ciphertexts of the update (HE aggregator): ``gradients``
+    is empty. ``local_steps``: SGD steps behind the update; with more than one it is
+    (w_t - w_t+1) / lr after several steps, not a gradient.
     """
 
     model: "nn.Module"
     gradients: tuple["torch.Tensor", ...]
     batch_size: int
-    input_shape: tuple[int, int, int]  # (C, H, W)
+    input_shape: tuple[int, int, int]  # (C, H, W) of the model's input
     num_classes: int
     round: Literal["init", "trained"]
     loss: str = "cross_entropy(reduction=mean)"
-    # How a point of the model's input space reads as an image [B, C, H, W] to someone without the
-    # defense's secrets; None when the model takes images. MpLe's model takes morphed vectors.
-    read_as_image: "Callable[[torch.Tensor], torch.Tensor] | None" = None
+    rule: UpdateRule = field(default_factory=UpdateRule)
+    morphed: MorphedLayer | None = None
     encrypted: bool = False
     local_steps: int = 1
 
@@ -67,24 +107,17 @@ class SharedData:
 
     ``sent`` float32 [B, D]: the victim batch as transmitted (MpLe: morphed, D = padded pixels);
     ``labels`` int64 [B]: the class labels sent with it (a service cannot train without them).
-    ``first_layer`` float32 [D, F*H'*W']: the first layer sent with the data, as a dense matrix
-    (MpLe: the augmented convolution C_ac); ``first_bias`` [F]; ``feature_shape`` (F, H', W').
-    ``model``: the service's network after the first layer (it trained it). ``image_shape`` (C, H, W)
-    and ``padding`` are public hyperparameters; ``public_kernel`` [F, C, k, k] is the first
-    convolution C_r when it is public, else None. ``known_pairs(n)`` reveals n (original [n, C, H, W],
-    sent [n, D]) pairs of other images from the same provider: only known-plaintext attacks call it.
-    ``corpus`` is the whole training set as the service received it (the victim batch is part of it).
+    ``layer``: the first layer sent with the data (MpLe: the augmented convolution C_ac) and the
+    public facts about it. ``model``: the service's network after the first layer (it trained it).
+    ``known_pairs(n)`` reveals n (original [n, C, H, W], sent [n, D]) pairs of other images from
+    the same provider: only known-plaintext attacks call it. ``corpus`` is the whole training set
+    as the service received it (the victim batch is part of it).
     """
 
     sent: "torch.Tensor"
     labels: "torch.Tensor"
-    first_layer: "torch.Tensor"
-    first_bias: "torch.Tensor"
-    feature_shape: tuple[int, int, int]
-    image_shape: tuple[int, int, int]
-    padding: int
+    layer: MorphedLayer
     model: "nn.Module"
-    public_kernel: "torch.Tensor | None" = None
     known_pairs: "Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None" = None
     corpus: "torch.Tensor | None" = None  # [N, D]: every training image the service received, as sent
 
@@ -115,3 +148,31 @@ class Victim:
     images: "torch.Tensor"
     labels: "torch.Tensor"
     ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MembershipTruth:
+    """The ground truth behind a membership observation, held by the runner: ``is_member`` bool [N],
+    one per candidate in the observation's order."""
+
+    is_member: "np.ndarray"
+
+
+@dataclass(frozen=True)
+class AttackSetting:
+    """The public shape of a run, known before anything is trained, so an attack can refuse bad input early.
+
+    Sizes are image counts; ``image_shape`` is (C, H, W).
+    """
+
+    n_members: int
+    n_nonmembers: int
+    n_auxiliary: int
+    victim_batch: int
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+    @property
+    def n_candidates(self) -> int:
+        """Images whose membership a membership attack scores: every member and every nonmember."""
+        return self.n_members + self.n_nonmembers

@@ -35,8 +35,9 @@ from privbench.defenses.he.protocol import (  # noqa: E402
     hospital,
     split_clients,
 )
+from privbench.metrics.score_reconstruction import hungarian_by_psnr  # noqa: E402
 from privbench.models import build_model  # noqa: E402
-from privbench.runner import _hungarian_by_psnr, run  # noqa: E402
+from privbench.runner import run  # noqa: E402
 from privbench.store import Store  # noqa: E402
 from privbench.threat import Surface, Victim  # noqa: E402
 
@@ -285,7 +286,7 @@ def test_hungarian_matching_undoes_a_permutation():
     truth = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     perm = [3, 0, 4, 1, 2]
     noisy = (truth[perm] + 0.01 * torch.randn(5, 1, 8, 8)).clamp(0, 1)
-    order = _hungarian_by_psnr(noisy, truth)
+    order = hungarian_by_psnr(noisy, truth)
     assert [perm[i] for i in order] == list(range(5))
 
 

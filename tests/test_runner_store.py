@@ -27,7 +27,7 @@ def test_run_stores_one_complete_row_and_artifacts(store):
     for name in ("psnr", "ssim", "mse", "label_accuracy", "baseline_psnr", "baseline_ssim", "target_accuracy"):
         assert name in row.metrics
     assert row.grad_evals > 0 and row.wall_time_s > 0
-    assert set(row.info["seeds"]) == {"split", "init", "train", "victim", "attack"}
+    assert set(row.info["seeds"]) == {"split", "init", "train", "secrets", "victim", "observe", "attack"}
     assert row.info["versions"]["torch"] == torch.__version__ and "privbench" in row.info["versions"]
     assert row.info["splits"]["members"] > 0 and "dedup" in row.info["splits"]
     assert (store.root / row.artifacts / "reconstruction.png").is_file()

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
-from privbench.threat import AttackError, Observation, Surface, UnsupportedPair
+from privbench.threat import AttackError, AttackSetting, Observation, Surface, UnsupportedPair
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,6 +46,11 @@ class Attack(ABC):
     def __init__(self, params: Any, seed: int):
         self.params = params
         self.seed = seed
+
+    def check_setting(self, setting: AttackSetting) -> None:
+        """Raise ``ConfigError`` if this attack cannot run on a run of this shape (e.g. too little auxiliary
+        data for its shadows). Called before any training; the default accepts every setting."""
+        return None
 
     @abstractmethod
     def run(self, observation: Observation, budget: "Budget", progress: Progress | None = None) -> AttackOutput:

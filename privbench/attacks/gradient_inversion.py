@@ -23,8 +23,18 @@ observer holds only ciphertexts of the update (HE aggregator), there is nothing
 to invert: the output is the uninformed prior guess (mid-gray images, class 0)
 and the row says so.
 
+The attacker uses everything the observation declares public. The update rule
+(per-example clipping bound, divisor, as DP-SGD shares them) is applied to every
+dummy gradient, so the objective compares like with like: an L2 distance against
+an update scaled by 1/E is not misled by the scaling. When the model's input is
+not an image (MpLe's morphed vectors), the input is optimised without image
+priors (no [0, 1] box, no total variation) and then read as an image: the naive
+presets unpad it; the adaptive ``dlg-mple`` / ``invgrad-mple`` (in
+``privbench.attacks.mple``) map it back through the first layer the observer
+holds.
+
 The attacker sees only the observation (model at the stated round, shared
-gradients, batch size, input shape, number of classes). The best of
+gradients, update rule, batch size, input shape, number of classes). The best of
 ``restarts`` runs is chosen by the final gradient distance, which the attacker
 can compute; the true images are never consulted.
 """
@@ -37,10 +47,10 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from privbench import registry
-from privbench.attacks.base import Attack, AttackError, AttackOutput, Progress
+from privbench import morphing, registry
+from privbench.attacks.base import Attack, AttackOutput, Progress
 from privbench.config import Budget
-from privbench.threat import GradientUpdate, Observation, Surface
+from privbench.threat import AttackError, GradientUpdate, Observation, Surface, UpdateRule
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,31 @@ def label_loss(logits: torch.Tensor, labels_or_logits: torch.Tensor) -> torch.Te
     return torch.mean(torch.sum(-F.softmax(labels_or_logits, -1) * F.log_softmax(logits, -1), 1))
 
 
+def dummy_update(model: torch.nn.Module, params: list[torch.Tensor], inputs: torch.Tensor,
+                 labels_or_logits: torch.Tensor, rule: UpdateRule, create_graph: bool = True) -> tuple[torch.Tensor, ...]:
+    """The update ``rule`` forms for ``inputs`` [B, ...] under ``model``: what the client would share, noise aside.
+
+    Plain mean: one backward pass. With clipping: one backward per example (B is small), each
+    example's gradient scaled by min(1, C / (|g|_2 + 1e-6)) as Opacus does, summed, divided by
+    ``rule.divisor`` (default B).
+    """
+    batch = len(inputs)
+    divisor = float(batch if rule.divisor is None else rule.divisor)
+    if rule.clip_norm is None:
+        loss = label_loss(model(inputs), labels_or_logits)
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        return grads if rule.divisor is None else tuple(g * (batch / divisor) for g in grads)
+    total = None
+    for i in range(batch):
+        loss = label_loss(model(inputs[i : i + 1]), labels_or_logits[i : i + 1])
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        factor = (rule.clip_norm / (norm + 1e-6)).clamp(max=1.0)
+        scaled = [g * factor for g in grads]
+        total = scaled if total is None else [t + g for t, g in zip(total, scaled, strict=True)]
+    return tuple(t / divisor for t in total)
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference of horizontally and vertically adjacent pixels; x [B, C, H, W]."""
     return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
@@ -165,11 +200,11 @@ class GradientInversion(Attack):
             distance = self._final_distance(update, images, labels if label_logits is None else label_logits)
             runs.append((distance, images, labels, evals))
         best = min(range(len(runs)), key=lambda i: runs[i][0])
-        distance, images, labels, _ = runs[best]
-        info = {}
-        if update.read_as_image is not None:  # the model's input is not an image (e.g. morphed vectors)
-            images = update.read_as_image(images.detach())
-            info["read_as_image"] = "reconstructed the model's input, then read it as an image without the defense's secrets"
+        distance, inputs, labels, _ = runs[best]
+        images, info = self.to_images(inputs.detach(), update, observation)
+        if not update.rule.is_plain_mean:
+            info["update_rule"] = (f"dummy updates formed by the public rule: clip_norm={update.rule.clip_norm}, "
+                                   f"divisor={update.rule.divisor}; noise std {update.rule.noise_std:g} not removable")
         return AttackOutput(
             images=torch.nan_to_num(images, nan=0.5).clamp(0, 1),
             labels=labels,
@@ -200,6 +235,15 @@ class GradientInversion(Attack):
             },
         )
 
+    def to_images(self, inputs: torch.Tensor, update: GradientUpdate,
+                  observation: Observation) -> tuple[torch.Tensor, dict]:
+        """The reconstructed model inputs as images [B, C, H, W]; images pass through, morphed vectors are
+        unpadded and clipped (the naive reading, without the defense's secrets)."""
+        if update.morphed is None:
+            return inputs, {}
+        return morphing.read_morphed(inputs.flatten(1), update.morphed, "clip"), {
+            "read_as_image": "reconstructed the morphed input t, then unpadded it as an image (naive reading)"}
+
     # -- internals ----------------------------------------------------------
     def _init_images(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         if self.params.init == "randn":
@@ -215,6 +259,8 @@ class GradientInversion(Attack):
         target = tuple(g.detach() for g in update.gradients)
         distance_fn = DISTANCES[p.distance]
         shape = (update.batch_size, *update.input_shape)
+        image_input = update.morphed is None  # image priors (box, TV) only where the input is an image
+        boxed, tv_weight = p.boxed and image_input, p.tv_weight if image_input else 0.0
         x = self._init_images(shape, generator).requires_grad_(True)
         y = None
         leaves = [x]
@@ -231,11 +277,10 @@ class GradientInversion(Attack):
             evals += p.eot_samples  # each encoder sample is one gradient evaluation of the target model
             value = 0.0
             for _ in range(p.eot_samples):
-                loss = label_loss(model(x), fixed_labels if y is None else y)
-                dummy = torch.autograd.grad(loss, params, create_graph=True)
+                dummy = dummy_update(model, params, x, fixed_labels if y is None else y, update.rule)
                 value = value + distance_fn(dummy, target) / p.eot_samples
-            if p.tv_weight:
-                value = value + p.tv_weight * total_variation(x)
+            if tv_weight:
+                value = value + tv_weight * total_variation(x)
             grads = torch.autograd.grad(value, leaves)
             for leaf, grad in zip(leaves, grads, strict=True):
                 leaf.grad = grad
@@ -260,7 +305,7 @@ class GradientInversion(Attack):
                     opt.zero_grad(set_to_none=True)
                     value = objective()
                     opt.step()
-                if p.boxed:
+                if boxed:
                     with torch.no_grad():
                         x.clamp_(0, 1)
                 if scheduler is not None:
@@ -283,8 +328,7 @@ class GradientInversion(Attack):
         images = torch.nan_to_num(images, nan=0.5)
         value = 0.0
         for _ in range(self.params.eot_samples):
-            loss = label_loss(model(images), labels_or_logits)
-            dummy = torch.autograd.grad(loss, params)
+            dummy = dummy_update(model, params, images, labels_or_logits, update.rule, create_graph=False)
             value += float(DISTANCES[self.params.distance](dummy, tuple(update.gradients))) / self.params.eot_samples
         return value if value == value else float("inf")
 

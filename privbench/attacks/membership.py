@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from privbench import registry
 from privbench.attacks.base import Attack, AttackError, AttackOutput, Progress
 from privbench.config import Budget, ConfigError
-from privbench.threat import Observation, Surface, UnsupportedPair
+from privbench.threat import AttackSetting, Observation, Surface, UnsupportedPair
 
 
 @torch.no_grad()
@@ -116,16 +116,25 @@ class ShadowModels(MembershipAttack):
     Params = ShadowParams
     description = "Shadow models (Shokri et al. 2017) trained through the target's defense, ART black-box attack model."
 
+    def check_setting(self, setting: AttackSetting) -> None:
+        self._per_shadow(setting.n_auxiliary)
+
+    def _per_shadow(self, n_auxiliary: int) -> int:
+        """Auxiliary images per shadow; ConfigError if fewer than ``min_shadow_images``."""
+        p = self.params
+        per_shadow = n_auxiliary // p.shadows
+        if per_shadow < p.min_shadow_images:
+            raise ConfigError(
+                f"shadow: {p.shadows} shadows need at least {p.shadows * p.min_shadow_images} auxiliary images "
+                f"({p.min_shadow_images} each); the auxiliary split has {n_auxiliary}. Ask for fewer shadows."
+            )
+        return per_shadow
+
     def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
         self._check(observation)
         p = self.params
         aux, cand = observation.auxiliary, observation.candidates
-        per_shadow = len(aux) // p.shadows
-        if per_shadow < p.min_shadow_images:
-            raise ConfigError(
-                f"shadow: {p.shadows} shadows need at least {p.shadows * p.min_shadow_images} auxiliary images "
-                f"({p.min_shadow_images} each); the auxiliary split has {len(aux)}. Ask for fewer shadows."
-            )
+        per_shadow = self._per_shadow(len(aux))
         if observation.shadow_trainer is None:
             raise UnsupportedPair("shadow: the defense exposes no training pipeline to build shadows with")
         target_time = float(observation.notes.get("target_train_time_s") or 0.0)
@@ -227,33 +236,45 @@ class LiRA(MembershipAttack):
     Params = LiRAParams
     description = "LiRA (Carlini et al. 2022): balanced shadow ensemble, logit confidence, online/offline."
 
+    def check_setting(self, setting: AttackSetting) -> None:
+        self._pool_plan(setting.n_members, setting.n_candidates, setting.n_auxiliary)
+
+    def _pool_plan(self, n_members: int, n_candidates: int, n_auxiliary: int) -> tuple[int, int]:
+        """(shadow size, auxiliary images added to the online pool); ConfigError if the data cannot support it."""
+        p = self.params
+        size = p.shadow_size or n_members
+        if not p.online:
+            if n_auxiliary < 2 * size:
+                raise ConfigError(
+                    f"lira offline: shadows of {size} images need at least {2 * size} auxiliary images "
+                    f"(each shadow trains on a random half of a pool); there are {n_auxiliary}. Lower shadow_size."
+                )
+            return size, 0
+        # the candidates plus enough auxiliary images that each shadow's set is at most half the pool
+        extra = max(0, 2 * size - n_candidates)
+        if extra > n_auxiliary:
+            raise ConfigError(f"lira: shadows of {size} images need {extra} auxiliary images; there are {n_auxiliary}")
+        pool = n_candidates + extra
+        needed = max(-(-pool // size), -(-pool // (pool - size)))
+        if p.shadows < needed:
+            raise ConfigError(
+                f"lira online: with shadows of {size} images on a pool of {pool} (the candidates"
+                f"{' + auxiliary' if extra else ''}), every candidate needs an IN and an OUT shadow: ask for at "
+                f"least {needed} shadows (more give better per-example means), or online=false"
+            )
+        return size, extra
+
     def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
         from privbench.attacks.shadow_ensemble import train_shadow_ensemble
 
         self._check(observation)
         p = self.params
         aux, cand = observation.auxiliary, observation.candidates
-        size = p.shadow_size or int(observation.notes.get("n_members") or len(cand) // 2)
+        n_members = int(observation.notes.get("n_members") or len(cand) // 2)
+        size, extra = self._pool_plan(n_members, len(cand), len(aux))
         if p.online:
-            # the candidates plus enough auxiliary images that each shadow's set is at most half the pool
-            extra = max(0, 2 * size - len(cand))
-            if extra > len(aux):
-                raise ConfigError(f"lira: shadows of {size} images need {extra} auxiliary images; there are {len(aux)}")
             pool_images, pool_labels = torch.cat([cand.images, aux.images[:extra]]), torch.cat([cand.labels, aux.labels[:extra]])
-            pool = len(pool_images)
-            needed = max(-(-pool // size), -(-pool // (pool - size)))
-            if p.shadows < needed:
-                raise ConfigError(
-                    f"lira online: with shadows of {size} images on a pool of {pool} (the candidates"
-                    f"{' + auxiliary' if extra else ''}), every candidate needs an IN and an OUT shadow: ask for at "
-                    f"least {needed} shadows (more give better per-example means), or online=false"
-                )
         else:
-            if len(aux) < 2 * size:
-                raise ConfigError(
-                    f"lira offline: shadows of {size} images need at least {2 * size} auxiliary images "
-                    f"(each shadow trains on a random half of a pool); there are {len(aux)}. Lower shadow_size."
-                )
             pool_images, pool_labels = aux.images, aux.labels
         inside = balanced_inclusion(len(pool_images), size, p.shadows, torch.Generator().manual_seed(self.seed))
         recipe = observation.notes.get("training_recipe")

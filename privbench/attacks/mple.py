@@ -1,4 +1,4 @@
-"""Attacks on MpLe's SHARED_DATA surface: the service provider reconstructs the images it never saw.
+"""Attacks on MpLe: the service provider (SHARED_DATA) or an eavesdropper (GRADIENTS) reconstructs the images.
 
 - ``mple-view`` (naive): reads the morphed vector t as an image.
 - ``mple-feature-leak`` (adaptive): t C_ac is the permuted first-layer feature maps of the image,
@@ -9,6 +9,10 @@
   The image is then the least-squares deconvolution.
 - ``mple-known-plaintext`` (adaptive): from n (d, t) pairs, a minimum-norm or ridge estimate of
   M^-1 unmorphs the victim's t.
+
+And on MpLe's GRADIENTS surface (an eavesdropper on the service's training updates, who holds the
+service model and so C_ac): ``dlg-mple`` / ``invgrad-mple`` invert the morphed input t without image
+priors and map it back to an image as ``mple-feature-leak`` does.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import torch
 from torch.nn import functional as F
 
 from privbench import morphing, registry
-from privbench.attacks.base import Attack, AttackError, AttackOutput, Progress
+from privbench.attacks.base import Attack, AttackOutput, Progress
+from privbench.attacks.gradient_inversion import GradientInversion, GradientInversionParams, InvertingGradientsParams
 from privbench.config import Budget
-from privbench.threat import Observation, SharedData, Surface
+from privbench.threat import AttackError, GradientUpdate, MorphedLayer, Observation, SharedData, Surface
 
 
 class SharedDataAttack(Attack):
@@ -35,11 +40,46 @@ class SharedDataAttack(Attack):
             raise AttackError(f"{self.registry_name} needs the shared_data surface; the observation has none")
         return observation.shared
 
-    @staticmethod
-    def _geometry(shared: SharedData) -> morphing.ConvGeometry:
-        c, h, w = shared.image_shape
-        f, hf, _ = shared.feature_shape
-        return morphing.ConvGeometry(c, h, w, f, h + 2 * shared.padding - hf + 1, shared.padding)
+
+
+def features_to_images(sent: torch.Tensor, layer: MorphedLayer, auxiliary_mean: float | None,
+                       corpus: torch.Tensor | None, ridge: float) -> tuple[torch.Tensor, dict]:
+    """Images [B, C, H, W] behind morphed vectors ``sent`` [B, D], using only the layer its holder has.
+
+    ``sent @ layer.dense`` are the (permuted) first-layer features of the images. Their filters are
+    identified blind by the cross-relation; with a public kernel they are matched to it (undoing the
+    permutation), else one global scale is fixed so that the mean reconstruction of ``corpus`` (or of
+    ``sent``) has the intensity ``auxiliary_mean``. Then least-squares deconvolution.
+    """
+    geometry = morphing.layer_geometry(layer)
+    if geometry.channels != 1:
+        raise AttackError("the feature-leak mapping models single-channel images only (the cross-relation needs "
+                          f"one input channel); these have {geometry.channels}")
+    dense = layer.dense.double()
+    features = (sent.double() @ dense).reshape(-1, *layer.feature_shape)
+    kernels, gap = identify_filters(features)  # [F, 3, 3], unit norm overall, sign and scale unknown
+    info: dict = {"eigen_gap": gap}
+    shape = (geometry.out_channels, 1, geometry.kernel, geometry.kernel)
+    if layer.public_kernel is not None:
+        known = layer.public_kernel.double().reshape(geometry.out_channels, -1)
+        order, agreement = match_filters(kernels.reshape(geometry.out_channels, -1), known)
+        images = deconvolve(features, known[order].reshape(shape), geometry, ridge)
+        info.update(c_r="public: filters matched to C_r, permutation undone",
+                    permutation_recovered=[int(i) for i in order], min_match_correlation=agreement)
+        return images, info
+    kernels = kernels.reshape(shape)
+    images = deconvolve(features, kernels, geometry, ridge)
+    if auxiliary_mean is None:
+        raise AttackError("with a secret C_r the feature-leak mapping needs auxiliary images to fix the scale")
+    # One unknown scale (and sign) for every image: fix it so that the mean reconstruction of what the
+    # holder received (linear, so computed from the mean of t) has the auxiliary data's mean intensity.
+    pool = corpus if corpus is not None else sent
+    mean_features = (pool.double().mean(0, keepdim=True) @ dense).reshape(1, *layer.feature_shape)
+    mean_image = deconvolve(mean_features, kernels, geometry, ridge)
+    scale = auxiliary_mean / float(mean_image.mean())
+    info.update(c_r="secret: filters identified up to one scale; scale and sign matched to the auxiliary "
+                f"mean over the {len(pool)} morphed vectors held", scale=scale)
+    return images * scale, info
 
 
 @dataclass(frozen=True)
@@ -56,12 +96,8 @@ class MorphedView(SharedDataAttack):
 
     def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
         shared = self._shared(observation)
-        images = morphing.unpad(shared.sent.double(), self._geometry(shared))
-        if self.params.scaling == "minmax":
-            low = images.amin(dim=(1, 2, 3), keepdim=True)
-            high = images.amax(dim=(1, 2, 3), keepdim=True)
-            images = (images - low) / (high - low).clamp(min=1e-12)
-        return AttackOutput(images=images.clamp(0, 1).float(), labels=shared.labels.clone(),
+        images = morphing.read_morphed(shared.sent, shared.layer, self.params.scaling)
+        return AttackOutput(images=images, labels=shared.labels.clone(),
                             info={"reading": f"t unpadded, {self.params.scaling}", "labels": "sent in the clear"})
 
 
@@ -80,36 +116,10 @@ class FeatureLeak(SharedDataAttack):
 
     def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
         shared = self._shared(observation)
-        geometry = self._geometry(shared)
-        if geometry.channels != 1:
-            raise AttackError("mple-feature-leak models single-channel images only (the cross-relation needs one "
-                              f"input channel); these have {geometry.channels}")
-        features = (shared.sent.double() @ shared.first_layer.double()).reshape(-1, *shared.feature_shape)
-        kernels, gap = identify_filters(features)  # [F, 3, 3], unit norm overall, sign and scale unknown
-        info: dict = {"eigen_gap": gap, "labels": "sent in the clear"}
-        if shared.public_kernel is not None:
-            known = shared.public_kernel.double().reshape(geometry.out_channels, -1)
-            order, agreement = match_filters(kernels.reshape(geometry.out_channels, -1), known)
-            kernels = known[order].reshape(geometry.out_channels, 1, geometry.kernel, geometry.kernel)
-            images = deconvolve(features, kernels, geometry, self.params.ridge)
-            info.update(c_r="public: filters matched to C_r, permutation undone",
-                        permutation_recovered=[int(i) for i in order], min_match_correlation=agreement)
-        else:
-            kernels = kernels.reshape(geometry.out_channels, 1, geometry.kernel, geometry.kernel)
-            images = deconvolve(features, kernels, geometry, self.params.ridge)
-            if observation.auxiliary is None:
-                raise AttackError("mple-feature-leak with a secret C_r needs auxiliary images to fix the scale")
-            # One unknown scale (and sign) for every image: fix it so that the mean reconstruction of the
-            # training corpus (linear, so computed from the mean of t) has the auxiliary data's mean intensity.
-            sent = shared.corpus if shared.corpus is not None else shared.sent
-            mean_features = (sent.double().mean(0, keepdim=True) @ shared.first_layer.double())
-            mean_image = deconvolve(mean_features.reshape(1, *shared.feature_shape), kernels, geometry,
-                                    self.params.ridge)
-            scale = float(observation.auxiliary.images.double().mean()) / float(mean_image.mean())
-            images = images * scale
-            info.update(c_r="secret: filters identified up to one scale; scale and sign matched to the auxiliary "
-                        f"mean over the {len(sent)} images the service received", scale=scale)
-        return AttackOutput(images=images.clamp(0, 1).float(), labels=shared.labels.clone(), info=info)
+        auxiliary_mean = None if observation.auxiliary is None else float(observation.auxiliary.images.double().mean())
+        images, info = features_to_images(shared.sent, shared.layer, auxiliary_mean, shared.corpus, self.params.ridge)
+        return AttackOutput(images=images.clamp(0, 1).float(), labels=shared.labels.clone(),
+                            info={**info, "labels": "sent in the clear"})
 
 
 def identify_filters(features: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -184,7 +194,7 @@ class KnownPlaintext(SharedDataAttack):
         shared = self._shared(observation)
         if shared.known_pairs is None:
             raise AttackError("mple-known-plaintext: the observation offers no known pairs")
-        geometry = self._geometry(shared)
+        geometry = morphing.layer_geometry(shared.layer)
         originals, morphed = shared.known_pairs(self.params.pairs)
         target = morphing.pad_flat(originals.double(), geometry)  # [n, D]
         sent = morphed.double()
@@ -198,3 +208,42 @@ class KnownPlaintext(SharedDataAttack):
         return AttackOutput(images=images.clamp(0, 1).float(), labels=shared.labels.clone(),
                             info={"pairs": self.params.pairs, "estimator": self.params.estimator,
                                   "unknowns": geometry.padded, "labels": "sent in the clear"})
+
+
+# -- adaptive gradient inversion against MpLe's GRADIENTS surface ----------------------------------
+
+
+class _MorphedGradientInversion(GradientInversion):
+    """Gradient inversion of the morphed input t (no image priors), then t -> image through the layer held.
+
+    The eavesdropper holds the service model, so it holds C_ac (``update.morphed``) and, when public, C_r.
+    ``t C_ac`` are the first-layer features of the victim's image; ``features_to_images`` identifies the
+    filters and deconvolves, as ``mple-feature-leak`` does for the service provider.
+    """
+
+    def to_images(self, inputs: torch.Tensor, update: GradientUpdate,
+                  observation: Observation) -> tuple[torch.Tensor, dict]:
+        if update.morphed is None:
+            raise AttackError(f"{self.registry_name} attacks a model whose input is morphed (the mple defense's "
+                              f"gradients surface); this model takes images")
+        auxiliary_mean = None if observation.auxiliary is None else float(observation.auxiliary.images.double().mean())
+        images, info = features_to_images(inputs.flatten(1), update.morphed, auxiliary_mean, None, ridge=1e-9)
+        return images, {**info, "read_as_image": "inverted t without image priors, then t C_ac -> filters -> "
+                        "least-squares deconvolution (what the observer holds: C_ac, public C_r)"}
+
+
+@registry.attacks.register("dlg-mple")
+class MorphedDLG(_MorphedGradientInversion):
+    """DLG on the morphed input, mapped back to an image through C_ac and the public C_r."""
+
+    Params = GradientInversionParams
+    description = "MpLe adaptive gradient inversion: DLG on morphed t (no image priors), then t C_ac deconvolved."
+
+
+@registry.attacks.register("invgrad-mple")
+class MorphedInvertingGradients(_MorphedGradientInversion):
+    """Inverting Gradients on the morphed input (box and TV dropped), mapped back through C_ac."""
+
+    Params = InvertingGradientsParams
+    description = ("MpLe adaptive gradient inversion: Inverting Gradients on morphed t (box and TV dropped), "
+                   "then t C_ac deconvolved.")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from privbench.threat import GradientUpdate, Observation, Surface, Victim
+from privbench.threat import GradientUpdate, Observation, Surface, UpdateRule, Victim
 
 if TYPE_CHECKING:
     from privbench.config import RunConfig
@@ -90,6 +90,12 @@ class Defense(ABC):
         """
         return model
 
+    def audit_secrets(self, surface: Surface, target: Target, ctx: FitContext) -> dict[str, Any]:
+        """What must never be reachable from ``surface``'s observation besides the victim's data and the
+        members: name -> tensor (a secret value) or predicate (``obj -> bool``, e.g. "is a secret key").
+        The threat-model tests walk every observation for these (``privbench.reachability``)."""
+        return {}
+
     def plain_training_recipe(self) -> dict[str, Any] | None:
         """The TrainParams (as a dict) if this defense is plain training, so shadows can mimic it cheaply; else None."""
         return None
@@ -132,25 +138,32 @@ def client_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
     ``images`` float [B, C, H, W] in [0, 1], ``labels`` int64 [B]. This is the
     single definition of the GRADIENTS quantity that defenses then transform.
-    BatchNorm running statistics are left untouched (the model is a copy).
+    Computed on a copy: ``model``'s BatchNorm running statistics never see the batch.
     """
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss = F.cross_entropy(model(images), labels)
+    import copy
+
+    work = copy.deepcopy(model).train()
+    params = [p for p in work.parameters() if p.requires_grad]
+    loss = F.cross_entropy(work(images), labels)
     return tuple(g.detach() for g in torch.autograd.grad(loss, params))
 
 
 def gradient_observation(
-    model: nn.Module, gradients: tuple[torch.Tensor, ...], victim: Victim, ctx: FitContext, **notes: Any
+    model: nn.Module, gradients: tuple[torch.Tensor, ...], victim: Victim, ctx: FitContext,
+    rule: UpdateRule | None = None, **notes: Any
 ) -> Observation:
-    cfg = ctx.config
+    """The GRADIENTS observation of ``gradients`` shared under ``model`` (handed over as a fresh copy in
+    train mode) by the update ``rule`` (default: the plain mean gradient); ``notes`` go to the row."""
+    import copy
+
     update = GradientUpdate(
-        model=model,
-        gradients=gradients,
+        model=copy.deepcopy(model).train(),
+        gradients=tuple(g.detach().clone() for g in gradients),
         batch_size=len(victim.labels),
         input_shape=tuple(victim.images.shape[1:]),
         num_classes=ctx.nonmembers.num_classes,
-        round=cfg.gradient_round,
+        round=ctx.config.gradient_round,
+        rule=rule or UpdateRule(),
     )
     return Observation(surface=Surface.GRADIENTS, gradient_update=update, notes=dict(notes))
 

@@ -51,7 +51,7 @@ from privbench.defenses.base import (
     model_at_round,
     released_model_observation,
 )
-from privbench.threat import Observation, Surface, Victim
+from privbench.threat import Observation, Surface, UpdateRule, Victim
 from privbench.training import TrainParams, accuracy, make_optimizer
 
 if TYPE_CHECKING:
@@ -363,7 +363,7 @@ class DPSGD(Defense):
         if surface is Surface.GRADIENTS:
             model = model_at_round(target, lambda: fix_model(ctx.build_model())[0], ctx.config.gradient_round)
             costs = target.costs
-            noise = torch.Generator().manual_seed(derive_seed(ctx.config.seed, "dp-observe-noise"))
+            noise = torch.Generator().manual_seed(derive_seed(ctx.seeds["observe"], "dp-observe-noise"))
             update = dp_update(
                 model,
                 victim.images,
@@ -373,11 +373,14 @@ class DPSGD(Defense):
                 expected_batch_size=int(costs["expected_batch_size"]),
                 generator=noise,
             )
+            rule = UpdateRule(clip_norm=self.params.max_grad_norm, divisor=float(costs["expected_batch_size"]),
+                              noise_std=costs["noise_multiplier"] * self.params.max_grad_norm)
             return gradient_observation(
                 model,
                 update,
                 victim,
                 ctx,
+                rule=rule,
                 mechanism="DP-SGD step (opacus GradSampleModule + DPOptimizer): clip, sum, noise, / expected batch",
                 noise_multiplier=costs["noise_multiplier"],
                 max_grad_norm=self.params.max_grad_norm,

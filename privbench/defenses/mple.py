@@ -31,7 +31,7 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -48,8 +48,8 @@ from privbench.defenses.base import (
     model_at_round,
     released_model_observation,
 )
-from privbench.morphing import AugmentedConv, ConvGeometry, MorphingError, PermutedConv
-from privbench.threat import Observation, SharedData, Surface, Victim
+from privbench.morphing import AugmentedConv, ConvGeometry, MorphingError
+from privbench.threat import MorphedLayer, Observation, SharedData, Surface, Victim
 from privbench.training import TensorSet, TrainParams, accuracy, train_classifier
 
 
@@ -109,6 +109,15 @@ def permute_leading_channels(rest: list[nn.Module], permutation: torch.Tensor) -
             continue
         if not isinstance(module, (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout)):
             raise ConfigError(f"mple cannot carry the channel permutation through {type(module).__name__}")
+
+
+def fold_permutation(conv: nn.Conv2d, permutation: torch.Tensor) -> nn.Conv2d:
+    """A frozen copy of ``conv`` whose output channel j is ``conv``'s channel permutation[j]."""
+    folded = copy.deepcopy(conv)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight[permutation])
+        folded.bias.copy_(conv.bias[permutation])
+    return folded.requires_grad_(False)
 
 
 def prepare_first_layer(model: nn.Module, params: FirstLayerParams) -> nn.Conv2d:
@@ -176,12 +185,8 @@ class MpLe(Defense):
         identity["params"].pop("cr_secret")
         return identity
 
-    def released_architecture(self, model: nn.Module) -> nn.Module:
-        conv, rest = split_first_conv(model)
-        return nn.Sequential(PermutedConv(conv, torch.arange(conv.out_channels)), *rest)
-
     def secrets(self, conv: nn.Conv2d, image_shape: tuple[int, int, int], seed: int) -> Secrets:
-        """The provider's M and permutation, derived from the run's seed (reproducible, never stored)."""
+        """The provider's M and permutation from its ``secrets`` seed (reproducible, never stored or released)."""
         geometry = ConvGeometry.of(conv, image_shape)
         check_memory(geometry, self.params.max_memory_gb)
         matrix, condition = morphing.secret_matrix(
@@ -207,14 +212,16 @@ class MpLe(Defense):
         conv = prepare_first_layer(model, p)
         _, rest = split_first_conv(model)
         t0 = time.perf_counter()
-        secrets = self.secrets(conv, members.image_shape, ctx.config.trained_target_seed)
+        secrets = self.secrets(conv, members.image_shape, ctx.seeds["secrets"])
         first = self.augmented(conv, secrets)
         setup_s = time.perf_counter() - t0
         # The service's own init, with its input channels permuted: the same function as the plain model at
         # init (an equally random start), so MpLe and its twin differ only by the morphing.
         permute_leading_channels(rest, secrets.permutation)
         service = MorphedService(first, rest)
-        released = nn.Sequential(PermutedConv(conv, secrets.permutation), *rest)
+        # The released image-space model: C_r with its output channels permuted, folded into one plain
+        # convolution, so the permutation itself is not a tensor of the release.
+        released = nn.Sequential(fold_permutation(conv, secrets.permutation), *rest)
         initial_state = copy.deepcopy(released.state_dict())
 
         t0 = time.perf_counter()
@@ -251,40 +258,43 @@ class MpLe(Defense):
             },
         )
 
-    def _service_at_round(self, target: Target, ctx: FitContext) -> tuple[MorphedService, Secrets]:
-        """The service network at ``ctx.config.gradient_round`` (train mode) and the provider's secrets."""
-        released = model_at_round(target, lambda: self.released_architecture(ctx.build_model()),
-                                  ctx.config.gradient_round)
-        conv = released[0].conv  # C_r as trained (seeded or pretrained): its weights come from the state
-        secrets = self.secrets(conv, ctx.nonmembers.image_shape, ctx.config.trained_target_seed)
-        return MorphedService(self.augmented(conv, secrets), list(released)[1:]).train(), secrets
+    def _first_layer(self, ctx: FitContext) -> nn.Conv2d:
+        """C_r as the provider set it (frozen: never trained, so the fresh model's, seeded or pretrained)."""
+        return prepare_first_layer(ctx.build_model(), self.params)
+
+    def _service_at_round(self, target: Target, ctx: FitContext) -> tuple[MorphedService, Secrets, nn.Conv2d]:
+        """The service network at ``ctx.config.gradient_round`` (train mode), the provider's secrets and C_r."""
+        released = model_at_round(target, ctx.build_model, ctx.config.gradient_round)
+        conv = self._first_layer(ctx)
+        secrets = self.secrets(conv, ctx.nonmembers.image_shape, ctx.seeds["secrets"])
+        return MorphedService(self.augmented(conv, secrets), list(released)[1:]).train(), secrets, conv
 
     def observe(self, surface: Surface, target: Target, victim: Victim | None, ctx: FitContext) -> Observation:
         if surface not in (Surface.SHARED_DATA, Surface.GRADIENTS):
             return released_model_observation(surface, target, "mple")
-        service, secrets = self._service_at_round(target, ctx)
+        service, secrets, conv = self._service_at_round(target, ctx)
         morphed = self.morph(victim.images, secrets)
         geometry = secrets.geometry
+        layer = MorphedLayer(
+            dense=service.first.dense.clone(), bias=service.first.bias.clone(), feature_shape=geometry.feature_shape,
+            image_shape=(geometry.channels, geometry.height, geometry.width), padding=geometry.padding,
+            public_kernel=None if self.params.cr_secret else conv.weight.detach().clone(),
+        )
         if surface is Surface.GRADIENTS:
             gradients = client_gradients(service, morphed.reshape(len(morphed), 1, 1, -1), victim.labels)
             observation = gradient_observation(
                 service, gradients, victim, ctx, observer="outside eavesdropper on the service's training updates",
-                input_space="morphed vectors t [1, 1, D]; read as an image by unpadding without M",
+                input_space="morphed vectors t [1, 1, D]; the service model carries C_ac",
+                c_r="secret" if self.params.cr_secret else "public",
                 note="the service provider itself holds t: for it a gradient attack adds nothing to the mple-* attacks",
             )
-            update = dataclasses.replace(observation.gradient_update, input_shape=(1, 1, geometry.padded),
-                                         read_as_image=lambda x: morphing.unpad(x.flatten(1), geometry))
+            update = dataclasses.replace(observation.gradient_update, input_shape=(1, 1, geometry.padded), morphed=layer)
             return dataclasses.replace(observation, gradient_update=update)
         shared = SharedData(
             sent=morphed,
             labels=victim.labels.clone(),
-            first_layer=service.first.dense,
-            first_bias=service.first.bias,
-            feature_shape=geometry.feature_shape,
-            image_shape=(geometry.channels, geometry.height, geometry.width),
-            padding=geometry.padding,
+            layer=layer,
             model=copy.deepcopy(service.rest).eval(),
-            public_kernel=None if self.params.cr_secret else target.model[0].conv.weight.detach().clone(),
             known_pairs=self._pair_source(ctx, secrets),
             corpus=None if ctx.members is None else self.morph(ctx.members.images, secrets),
         )
@@ -293,12 +303,23 @@ class MpLe(Defense):
             "withheld": ["M", "channel permutation"] + (["C_r"] if self.params.cr_secret else []),
         })
 
+    def audit_secrets(self, surface: Surface, target: Target, ctx: FitContext) -> dict[str, Any]:
+        """M, M^-1 and the permutation from every surface; a secret C_r from the service's and the
+        eavesdropper's (the released image-space model holds C_r by construction, its channels permuted)."""
+        conv = self._first_layer(ctx)
+        secrets = self.secrets(conv, ctx.nonmembers.image_shape, ctx.seeds["secrets"])
+        out: dict[str, Any] = {"M": secrets.matrix, "M^-1": torch.linalg.inv(secrets.matrix),
+                               "channel permutation": secrets.permutation}
+        if self.params.cr_secret and surface in (Surface.SHARED_DATA, Surface.GRADIENTS):
+            out["secret C_r"] = conv.weight.detach()
+        return out
+
     def _pair_source(self, ctx: FitContext, secrets: Secrets):
         """n (original, morphed) pairs of the provider's other images (its nonmembers: disjoint from the victims).
 
         The pool is morphed up front so that the returned function holds no secret, only pairs.
         """
-        generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, "mple-known-pairs"))
+        generator = torch.Generator().manual_seed(derive_seed(ctx.seeds["observe"], "mple-known-pairs"))
         originals = ctx.nonmembers.images[torch.randperm(len(ctx.nonmembers), generator=generator)]
         morphed = self.morph(originals, secrets)
 

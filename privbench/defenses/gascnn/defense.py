@@ -249,7 +249,7 @@ class GASCNN(Defense):
         """Stages 2-4 and the measurements; they read the teacher, synthetic data and nonmembers (utility) only."""
         p: GASCNNParams = self.params
         c = ctx.config
-        seed = c.trained_target_seed
+        seed = ctx.seeds["train"]
         classes = teacher.fc.out_features
         progress = (lambda stage: (lambda d, t: ctx.progress(stage, d, t))) if ctx.progress else (lambda stage: None)
 
@@ -369,7 +369,7 @@ class GASCNN(Defense):
             for _ in range(2)
         )
         for model, purpose in ((client, "gascnn-client-encoder"), (attacker_copy, "gascnn-attacker-encoder")):
-            model.generator.manual_seed(derive_seed(ctx.config.seed, purpose))
+            model.generator.manual_seed(derive_seed(ctx.seeds["observe"], purpose))
         gradients = client_gradients(client, victim.images, victim.labels)
         return gradient_observation(
             attacker_copy, gradients, victim, ctx,

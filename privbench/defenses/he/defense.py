@@ -322,6 +322,18 @@ class HomomorphicFedAvg(Defense):
         }
         return Observation(surface=Surface.GRADIENTS, gradient_update=update, notes=notes)
 
+    def audit_secrets(self, surface: Surface, target: Target, ctx: FitContext) -> dict[str, Any]:
+        """The hospitals' decryption key: a key-holder scheme, a TenSEAL context with its secret key, a
+        Paillier private key."""
+        def holds_secret_key(obj: Any) -> bool:
+            if isinstance(obj, KeyHolderScheme):
+                return True
+            if type(obj).__name__ == "PaillierPrivateKey":
+                return True
+            return type(obj).__module__.startswith("tenseal") and bool(getattr(obj, "has_secret_key", lambda: False)())
+
+        return {"decryption key": holds_secret_key}
+
     def _own_batch(self, ctx: FitContext, victim: Victim, per: int) -> tuple[torch.Tensor, torch.Tensor]:
         """hospital-0's own images in the attacked round: from its shard, none of them a victim image."""
         members = ctx.members

@@ -1,0 +1,53 @@
+"""Per-run scoring by attack family: one scorer per family, registered in the metrics registry.
+
+The runner asks ``registry.metrics.get(attack.family)`` for the scorer and hands it the attack's
+output, the ground truth the attack never saw and a ``ScoreContext``; the scorer returns metrics,
+row info and the reasons for metrics it could not compute, and writes its artifacts into the
+run's staging folder.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from privbench.attacks.base import AttackOutput
+    from privbench.datasets import ImageDataset
+    from privbench.threat import Surface
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What a scorer may use besides the output and the truth.
+
+    ``auxiliary``: the attacker's population data (trivial baselines); ``costs``: the target's costs
+    (epsilon for the DP audit); ``staging``: the run's artifact folder; ``surface``: where the
+    attack looked (a gradient attack's batch comes back in no particular order).
+    """
+
+    auxiliary: "ImageDataset"
+    costs: dict[str, Any]
+    staging: Path
+    surface: "Surface"
+    allow_download: bool = False
+
+
+@dataclass
+class Scores:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # metric name -> why it has no number
+
+
+class FamilyScorer(ABC):
+    """Scores one attack family's output against its ground truth."""
+
+    family: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def score(self, output: "AttackOutput", truth: Any, context: ScoreContext) -> Scores:
+        """Metrics of ``output`` against ``truth`` (a ``Victim`` or a ``MembershipTruth``)."""
