@@ -114,6 +114,9 @@ def test_membership_against_dp_respects_the_dp_bounds(bench_home):
     m = result.metrics
     assert m["dp_bound_violations"] == 0 and m["accountant_epsilon"] <= 1.0
     assert 0 <= m["empirical_epsilon_lower_bound"]
+    # 500 members and 250 nonmembers could show epsilon up to 3.9: the pass is a real (if weak) audit
+    assert m["dp_audit_can_detect"] and m["dp_audit_power"] == pytest.approx(3.89, abs=0.01)
+    assert m["dp_audit_confidence"] == 0.95 and m["dp_audit"].startswith("no violation found")
 
 
 @pytest.mark.parametrize("pool,size,shadows", [(1200, 200, 16), (1000, 500, 4), (7, 3, 5), (10, 10, 3), (3000, 1000, 16)])

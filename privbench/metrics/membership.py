@@ -83,34 +83,111 @@ def membership_metrics(
     return metrics, reasons, roc
 
 
-def dp_bound_check(roc: dict, epsilon: float, delta: float, n_members: int, n_nonmembers: int) -> dict:
-    """Check every ROC point against the (epsilon, delta)-DP hypothesis-testing bounds.
-
-    Any attack on an (eps, delta)-DP mechanism satisfies TPR <= e^eps FPR + delta
-    and 1 - TPR >= e^-eps (1 - FPR - delta) (Kairouz et al., 2015). Both are
-    evaluated at the point's conservative corner: TPR at the lower and FPR at
-    the upper end of their 95% Clopper-Pearson intervals, so that sampling noise
-    at the ends of the curve is not called a violation (a gross-error check, not
-    a test). The same corners give the empirical epsilon lower bound, the max
-    over points of log((TPR - delta) / FPR) and log((1 - FPR - delta) / (1 - TPR)).
-    """
+def _epsilon_lower_bounds(
+    k_in: np.ndarray, k_out: np.ndarray, n_members: int, n_nonmembers: int, delta: float, confidence: float
+) -> np.ndarray:
+    """Lower bound on epsilon at each ROC point of ``k_in`` members and ``k_out`` nonmembers scored above its
+    threshold; 0 where a point proves nothing. Simultaneous over every threshold (see ``dp_bound_check``)."""
     from scipy.stats import beta
 
-    fpr, tpr = np.asarray(roc["fpr"]), np.asarray(roc["tpr"])
-    k_in, k_out = np.rint(tpr * n_members), np.rint(fpr * n_nonmembers)
-    tpr_low = np.where(k_in > 0, beta.ppf(0.025, k_in, n_members - k_in + 1), 0.0)
-    fpr_high = np.where(k_out < n_nonmembers, beta.ppf(0.975, k_out + 1, n_nonmembers - k_out), 1.0)
-    if math.isfinite(epsilon):
-        first = tpr_low > np.exp(epsilon) * fpr_high + delta
-        second = 1 - tpr_low < np.exp(-epsilon) * (1 - fpr_high - delta)
-        violations = int(np.count_nonzero(first | second))
-    else:
-        violations = 0
+    k_in, k_out = np.asarray(k_in, dtype=np.float64), np.asarray(k_out, dtype=np.float64)
+    alpha_in = (1 - confidence) / (2 * n_members)  # per member order statistic
+    alpha_out = (1 - confidence) / (2 * n_nonmembers)  # per nonmember order statistic
+    tpr_low = np.where(k_in > 0, beta.ppf(alpha_in, np.maximum(k_in, 1), n_members - k_in + 1), 0.0)
+    fpr_high = np.where(
+        k_out < n_nonmembers, beta.isf(alpha_out, k_out + 1, np.maximum(n_nonmembers - k_out, 1)), 1.0
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
-        lower = np.concatenate([np.log((tpr_low - delta) / fpr_high), np.log((1 - fpr_high - delta) / (1 - tpr_low))])
-    lower = lower[np.isfinite(lower)]
+        first = np.log((tpr_low - delta) / fpr_high)  # TPR <= e^eps FPR + delta
+        second = np.log((1 - fpr_high - delta) / (1 - tpr_low))  # TNR <= e^eps FNR + delta
+    bound = np.fmax(first, second)
+    return np.where(np.isnan(bound), 0.0, np.maximum(bound, 0.0))
+
+
+def dp_audit_power(n_members: int, n_nonmembers: int, delta: float, confidence: float = 0.95) -> float:
+    """The largest epsilon lower bound ``n_members`` and ``n_nonmembers`` scored examples can certify.
+
+    It is the bound a perfect attack (TPR 1 at FPR 0) would give at this
+    ``confidence`` (the same correction as ``dp_bound_check``); no attack on this
+    sample can show more, so a claimed epsilon at or above it cannot be
+    contradicted by this audit whatever the target does. Epsilon in natural-log
+    units, as the accountants report it. Example: 1,000 and 1,000 at 95% and
+    delta 1e-5 give about 4.5.
+    """
+    return float(_epsilon_lower_bounds(np.array([n_members]), np.array([0]), n_members, n_nonmembers,
+                                       delta, confidence)[0])
+
+
+def dp_bound_check(
+    roc: dict, epsilon: float, delta: float, n_members: int, n_nonmembers: int, confidence: float = 0.95
+) -> dict:
+    """Audit a membership ROC against the accountant's (epsilon, delta): an empirical epsilon lower bound.
+
+    Any test between neighbouring datasets of an (eps, delta)-DP mechanism
+    satisfies TPR <= e^eps FPR + delta and TNR <= e^eps FNR + delta (Kairouz et
+    al. 2015), so each ROC point bounds epsilon from below by
+    log((TPR - delta) / FPR) and log((1 - FPR - delta) / (1 - TPR)). As in the
+    auditing of Jagielski et al. 2020 and Nasr et al. 2021, the rates are
+    replaced by the conservative ends of Clopper-Pearson intervals (TPR low, FPR
+    high). The thresholds are chosen after seeing the scores, so the intervals
+    are made simultaneous: the interval at the k-th member score holds at level
+    (1 - confidence) / (2 n_members), at the k-th nonmember score at
+    (1 - confidence) / (2 n_nonmembers) (Bonferroni over the order statistics,
+    each of whose true rate is Beta-distributed), so with probability at least
+    ``confidence`` every point's bound holds at once and the largest is a lower
+    bound on the true epsilon. Each scored example counts as one independent
+    trial of the test, the usual per-example reading of a single target's ROC
+    (the examples share one trained model; Steinke et al. 2023 analyse such
+    one-run audits when members are included at random).
+
+    Args:
+        roc: ``{"fpr": [...], "tpr": [...]}`` as ``membership_metrics`` returns it.
+        epsilon, delta: the accountant's guarantee (epsilon in natural-log units; ``inf`` when there is none).
+        n_members, n_nonmembers: how many of each were scored (the ROC's denominators).
+        confidence: joint confidence of the audit, in (0, 1).
+
+    Returns a dict:
+        ``empirical_epsilon_lower_bound``: the largest bound over the ROC points (0 if none is positive).
+        ``dp_bound_violations``: ROC points whose bound exceeds ``epsilon`` (each a violation at ``confidence``).
+        ``accountant_epsilon``: ``epsilon`` as given.
+        ``dp_audit_confidence``: ``confidence``.
+        ``dp_audit_power``: the largest bound this sample could certify at all (``dp_audit_power``).
+        ``dp_audit_can_detect``: whether ``dp_audit_power`` exceeds ``epsilon``, i.e. whether any attack could
+        have shown a violation here; if not, 0 violations is no evidence either way.
+        ``dp_audit``: the verdict in words.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_members < 1 or n_nonmembers < 1:
+        raise ValueError(f"the audit needs scored members and nonmembers; got {n_members} and {n_nonmembers}")
+    fpr, tpr = np.asarray(roc["fpr"], dtype=np.float64), np.asarray(roc["tpr"], dtype=np.float64)
+    bounds = _epsilon_lower_bounds(np.rint(tpr * n_members), np.rint(fpr * n_nonmembers),
+                                   n_members, n_nonmembers, delta, confidence)
+    lower = float(bounds.max()) if bounds.size else 0.0
+    violations = int(np.count_nonzero(bounds > epsilon)) if math.isfinite(epsilon) else 0
+    power = dp_audit_power(n_members, n_nonmembers, delta, confidence)
+    can_detect = bool(power > epsilon)
+    level = f"{confidence:.0%} confidence"
+    if not math.isfinite(epsilon):
+        verdict = (f"nothing to audit: the accountant gives no finite epsilon; epsilon >= {lower:.2f} with {level} "
+                   f"(this sample can show up to {power:.2f})")
+    elif violations:
+        verdict = (f"violation: epsilon >= {lower:.2f} with {level}, above the accountant's {epsilon:.2f} "
+                   f"({violations} ROC point{'s' if violations > 1 else ''})")
+    elif can_detect:
+        verdict = (f"no violation found: epsilon >= {lower:.2f} with {level}; {n_members} members and "
+                   f"{n_nonmembers} nonmembers could have shown up to {power:.2f} against the accountant's "
+                   f"{epsilon:.2f}")
+    else:
+        verdict = (f"no evidence: {n_members} members and {n_nonmembers} nonmembers can show at most epsilon "
+                   f"{power:.2f} with {level}, not above the accountant's {epsilon:.2f}; no attack could "
+                   f"have found a violation")
     return {
         "dp_bound_violations": violations,
-        "empirical_epsilon_lower_bound": float(max(lower.max(), 0.0)) if lower.size else 0.0,
+        "empirical_epsilon_lower_bound": lower,
         "accountant_epsilon": epsilon,
+        "dp_audit_confidence": confidence,
+        "dp_audit_power": power,
+        "dp_audit_can_detect": can_detect,
+        "dp_audit": verdict,
     }
