@@ -3,10 +3,10 @@
 Every cache names its entries by :func:`cache_key`, writes them with :func:`atomic_write` (a crashed or
 concurrent run never leaves a half-written file under the final name) and reads them without executing
 anything stored in them: :func:`load_torch` uses ``torch.load(weights_only=True)``, :func:`load_json`
-plain JSON, and the dataset cache ``.npz`` files without pickle. A cache entry that cannot be read
-(missing, truncated, unsafe, from another version) is a cache miss: a warning is logged, the file is
-removed and the value is recomputed. Cache failures are never fatal to a run, and a cached file is never
-trusted to run code.
+plain JSON, and the dataset cache reads its ``.npz`` files without pickle. An entry that cannot be read
+(truncated, not what the cache stores, or holding pickled code) is a cache miss: a warning is logged,
+the file is removed and the value is recomputed. Caches log a failed write and continue without storing;
+a cache failure is never fatal to a run, and a cached file is never trusted to run code.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def score_cell(
 
     spec = eval_classifier.EvalClassifierSpec(
         dataset=cfg.dataset, data_fingerprint=data.provenance.get("fingerprint", ""),
-        image_size=cfg.image_size, channels=cfg.channels, split_seed=cfg.split_seed,
+        image_size=cfg.image_size, channels=cfg.channels, split_seed=cfg.split_seed, split=cfg.split,
     )
     classifier = eval_classifier.train_or_load(spec, parts.auxiliary, home() / "cache" / "eval")
     report.eval_classifier = classifier.info

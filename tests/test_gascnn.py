@@ -40,7 +40,10 @@ def _ctx(parts, **defense_params):
     def fresh():
         return build_model("resnet", {}, 1, 16, parts.members.num_classes, seeds["init"])
 
-    return FitContext(config=cfg, build_model=fresh, nonmembers=parts.nonmembers, seeds=seeds)
+    data_identity = {"dataset": cfg.dataset, "data_fingerprint": parts.members.provenance["fingerprint"],
+                     "split_seed": cfg.split_seed, "split": cfg.to_dict()["split"], "image_size": 16, "channels": 1}
+    return FitContext(config=cfg, build_model=fresh, nonmembers=parts.nonmembers, seeds=seeds,
+                      data_identity=data_identity)
 
 
 def test_energy_counts_of_a_two_layer_network_match_a_hand_count():
@@ -90,6 +93,20 @@ def test_stages_after_the_teacher_never_read_the_members(parts, bench_home, monk
     target = defense.fit(ctx.build_model(), _Untouchable(), ctx)
     assert isinstance(target.model, snnlib.SpikingResNet)
     assert set(target.training["stage_times_s"]) >= {"teacher_s", "synthesis_s", "conversion_s", "spike_learning_s"}
+
+
+def test_stage_outputs_are_cached_and_served_back_unchanged(parts, bench_home):
+    defense = GASCNN(GASCNNParams(**TINY))
+    ctx = _ctx(parts, **TINY)
+    first = defense.fit(ctx.build_model(), parts.members, ctx)
+    second = defense.fit(ctx.build_model(), parts.members, ctx)
+    stages = ("teacher", "synthesis", "spike_learning")
+    assert [first.training[s]["cached"] for s in stages] == [False] * 3
+    assert [second.training[s]["cached"] for s in stages] == [True] * 3
+    assert len(list((bench_home / "cache" / "gascnn").glob("*.pt"))) == 3
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(second.model.state_dict()[name], value), name
+    assert second.training["synthesis"]["bn"] == first.training["synthesis"]["bn"]
 
 
 def test_gascnn_end_to_end_through_the_runner(bench_home):

@@ -1,8 +1,9 @@
 """On-disk cache of preprocessed datasets: one uncompressed .npz per (source, size, channels).
 
 A file holds uint8 images [N, C, H, W], int64 labels [N], ids, class names and the
-provenance (JSON). Files are written atomically (temp file + os.replace) so a crashed
-or concurrent run never leaves a half-written file under the final name.
+provenance (JSON), and is read without pickle. Files are written with
+``privbench.cache.atomic_write`` so a crashed or concurrent run never leaves a half-written
+file under the final name.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import json
 import logging
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from privbench.cache import atomic_write
 
 PREPROCESS_VERSION = 1
 """Bump when decoding/resizing changes, so old cache files are not reused."""
@@ -82,25 +84,19 @@ def read(path: Path) -> CachedArrays | None:
 def write(path: Path, arrays: CachedArrays) -> None:
     """Write atomically; a failure (read-only disk, ...) is logged, not raised: the cache is optional."""
     _check(arrays)
+
+    def save(f) -> None:
+        np.savez(
+            f,
+            images=arrays.images,
+            labels=arrays.labels,
+            ids=np.array(arrays.ids, dtype=str),
+            class_names=np.array(arrays.class_names, dtype=str),
+            provenance=np.array(json.dumps(arrays.provenance, sort_keys=True)),
+        )
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Unique name in the same folder (os.replace must not cross file systems); open(..., "xb")
-        # keeps the user's umask, unlike mkstemp's 0600.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "xb") as f:
-                np.savez(
-                    f,
-                    images=arrays.images,
-                    labels=arrays.labels,
-                    ids=np.array(arrays.ids, dtype=str),
-                    class_names=np.array(arrays.class_names, dtype=str),
-                    provenance=np.array(json.dumps(arrays.provenance, sort_keys=True)),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(path, save)
     except OSError as exc:
         log.warning(
             "could not write dataset cache %s (%s); continuing without the cache. "

@@ -10,9 +10,9 @@ disk by the hash of everything that shaped it.
 
 from __future__ import annotations
 
-import json
+import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from privbench import cache
 from privbench.datasets import ImageDataset
+from privbench.datasets.splits import SplitSpec
 from privbench.models.resnet import SmallResNet
 
 FEATURE_DIM = 32
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class EvalClassifierSpec:
     image_size: int
     channels: int
     split_seed: int
+    split: SplitSpec = field(default_factory=SplitSpec)  # with split_seed: which images form the auxiliary split
     depth: int = 8
     width: int = 16
     feature_dim: int = FEATURE_DIM
@@ -48,9 +53,11 @@ class EvalClassifierSpec:
         return f"fd_eval[resnet{self.depth}-d{self.feature_dim}@{self.dataset}]"
 
     def key(self) -> str:
-        from privbench.config import digest
+        return cache.cache_key("eval-classifier", asdict(self))[:24]
 
-        return digest(asdict(self))[:24]
+    def cache_files(self, cache_dir: Path) -> tuple[Path, Path]:
+        """(weights .pt, info .json) of this classifier in ``cache_dir``."""
+        return Path(cache_dir) / f"eval-{self.key()}.pt", Path(cache_dir) / f"eval-{self.key()}.json"
 
 
 class EvalNet(nn.Module):
@@ -96,17 +103,22 @@ def train_or_load(spec: EvalClassifierSpec, auxiliary: ImageDataset, cache_dir: 
     """The evaluation classifier for ``spec``, trained on ``auxiliary`` or loaded from ``cache_dir``."""
     from privbench.training import TrainParams, accuracy, train_classifier
 
+    def fresh() -> EvalNet:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            return EvalNet(spec.channels, auxiliary.num_classes, spec.depth, spec.width, spec.feature_dim)
+
     train, heldout = _heldout_split(auxiliary, spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        net = EvalNet(spec.channels, auxiliary.num_classes, spec.depth, spec.width, spec.feature_dim)
-    weights, meta = cache_dir / f"eval-{spec.key()}.pt", cache_dir / f"eval-{spec.key()}.json"
-    if weights.exists() and meta.exists():
+    net = fresh()
+    weights, meta = spec.cache_files(cache_dir)
+    state, info = cache.load_torch(weights), cache.load_json(meta)
+    if state is not None and info is not None:
         try:
-            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-            return EvalClassifier(spec, net.eval(), heldout, json.loads(meta.read_text()))
-        except Exception:  # corrupt cache entries are rebuilt
-            weights.unlink(missing_ok=True)
+            net.load_state_dict(state)
+            return EvalClassifier(spec, net.eval(), heldout, info)
+        except Exception as exc:  # weights that do not fit the network: a miss, retrained
+            log.warning("evaluation classifier cache %s does not fit the network (%s); retraining", weights, exc)
+            net = fresh()
     start = time.perf_counter()
     record = train_classifier(net, train, TrainParams(epochs=spec.epochs, lr=spec.lr), spec.seed)
     info = {
@@ -119,9 +131,9 @@ def train_or_load(spec: EvalClassifierSpec, auxiliary: ImageDataset, cache_dir: 
         "train_time_s": time.perf_counter() - start,
         "spec": asdict(spec),
     }
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".tmp")
-    torch.save(net.state_dict(), tmp)
-    tmp.replace(weights)
-    meta.write_text(json.dumps(info))
+    try:  # the weights first: an entry counts only once its info is written too
+        cache.save_torch(weights, net.state_dict())
+        cache.save_json(meta, info)
+    except OSError as exc:
+        log.warning("could not write the evaluation classifier cache %s (%s); continuing without it", weights, exc)
     return EvalClassifier(spec, net.eval(), heldout, info)

@@ -1,6 +1,6 @@
 """GASCNN (Khowaja et al., IEEE JBHI 2023), built after PrivateSNN (Kim et al., AAAI 2022).
 
-Stages (each timed, each cached on disk by the hash of everything that shaped it):
+Stages (each timed, each cached on disk by the hash of everything that shaped it, see privbench.cache):
 1. **Teacher**: a small ResNet trained on the members by the data owner.
 2. **Synthesis**: a class-conditional generator trained against the frozen teacher's feature-map
    (BatchNorm) statistics and confident, balanced predictions; it yields a labelled synthetic set.
@@ -25,7 +25,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -35,7 +37,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from privbench import registry
-from privbench.config import ConfigError, derive_seed, digest
+from privbench.cache import cache_key, load_torch, save_torch, state_digest
+from privbench.config import ConfigError, derive_seed
 from privbench.defenses.base import (
     Defense,
     FitContext,
@@ -53,6 +56,8 @@ from privbench.threat import Observation, Surface, Victim
 from privbench.training import TrainParams, accuracy
 
 PERCENTILE_CANDIDATES = (98.0, 99.0, 99.5, 99.9, 99.99, 100.0)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,22 +101,39 @@ class GASCNNParams(TrainParams):
         return TrainParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainParams)})
 
 
-def _stage_cache(key: dict, compute: Callable[[], Any]) -> tuple[Any, bool]:
-    """Load stage output ``key`` from ``<home>/cache/gascnn`` or compute and store it (torch.save)."""
+def stage_cache_path(identity: Mapping[str, Any]) -> Path:
+    """``<home>/cache/gascnn/<cache_key("gascnn-stage", identity)>.pt``: where a stage output is stored."""
     from privbench.store import home
 
-    folder = home() / "cache" / "gascnn"
-    path = folder / f"{digest(key)}.pt"
-    if path.exists():
-        try:
-            return torch.load(path, weights_only=False), True
-        except Exception:  # a corrupt entry is recomputed, never fatal
-            path.unlink(missing_ok=True)
+    return home() / "cache" / "gascnn" / f"{cache_key('gascnn-stage', identity)}.pt"
+
+
+_warned_uncached = False
+
+
+def _stage_cache(identity: Mapping[str, Any], compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """(stage output, whether it came from the cache): loaded from :func:`stage_cache_path` or computed and stored.
+
+    ``identity`` names the stage and everything that shaped its output (see ``GASCNN._base_key``),
+    including the data identity under ``"data"``; without one (a FitContext with no ``data_identity``)
+    the output is computed and not cached. Outputs are tensors, dicts and lists of them and plain
+    numbers and strings, so they load with ``weights_only=True``; an unreadable or unsafe file is a miss.
+    """
+    global _warned_uncached
+    if not identity.get("data"):
+        if not _warned_uncached:
+            log.warning("gascnn: the fit context names no data identity, so stage outputs are not cached")
+            _warned_uncached = True
+        return compute(), False
+    path = stage_cache_path(identity)
+    value = load_torch(path)
+    if value is not None:
+        return value, True
     value = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(value, tmp)
-    tmp.replace(path)
+    try:
+        save_torch(path, value)
+    except OSError as exc:
+        log.warning("could not write the gascnn stage cache %s (%s); continuing without it", path, exc)
     return value, False
 
 
@@ -218,16 +240,20 @@ class GASCNN(Defense):
         return NoDefense(NoDefenseParams(**dataclasses.asdict(self.params.teacher())))
 
     # -- stages ------------------------------------------------------------------
-    def _base_key(self, ctx: FitContext, members_ids: str) -> dict:
+    def _base_key(self, model: nn.Module, members, ctx: FitContext) -> dict:
+        """What shapes the teacher, and through it every later stage: the data (its identity and which
+        images are the members), the model and its initial weights, the seeds, the teacher's recipe."""
         c = ctx.config
-        return {"defense": "gascnn", "model": c.model, "model_params": dict(c.model_params), "dataset": c.dataset,
-                "image_size": c.image_size, "channels": c.channels, "seed": c.trained_target_seed, "members": members_ids,
+        return {"defense": "gascnn", "model": c.model, "model_params": dict(c.model_params),
+                "data": dict(ctx.data_identity),
+                "members": hashlib.sha256("\n".join(members.ids).encode()).hexdigest(),
+                "target_seed": c.trained_target_seed, "train_seed": ctx.seeds["train"],
+                "initial_weights": state_digest(model.state_dict()),
                 "teacher": dataclasses.asdict(self.params.teacher())}
 
     def train_teacher(self, model: nn.Module, members, ctx: FitContext) -> tuple[SmallResNet, dict, dict]:
         """Stage 1, the only stage that reads the members: (teacher, its training record, stage key)."""
-        members_ids = hashlib.sha256("\n".join(members.ids).encode()).hexdigest()
-        key = self._base_key(ctx, members_ids)
+        key = self._base_key(model, members, ctx)
 
         def compute():
             target = fit_plainly(model, members, self.params.teacher(), ctx, stage="teacher")
@@ -267,7 +293,7 @@ class GASCNN(Defense):
         synthetic, cached2 = _stage_cache({"stage": "synthesis", **key2}, stage2)
         stage_times["synthesis_s"] = time.perf_counter() - t0
         images, labels = synthetic["images"], synthetic["labels"]
-        grid = save_synthetic_grid(images, labels, classes, digest({"grid": key2}))
+        grid = save_synthetic_grid(images, labels, classes, cache_key("gascnn-grid", key2))
         n_val = max(1, int(len(images) * p.validation_fraction))
         val_x, val_y, train_x = images[:n_val], labels[:n_val], images[n_val:]
 
@@ -285,8 +311,8 @@ class GASCNN(Defense):
         stage_times["conversion_s"] = time.perf_counter() - t0
 
         key4 = {**key2, "percentile": chosen, "snn": {f: getattr(p, f) for f in (
-            "encoding", "timesteps", "finetune_epochs", "finetune_lr", "finetune_batch_size", "distill_temperature",
-            "surrogate_slope")}}
+            "validation_fraction", "encoding", "timesteps", "finetune_epochs", "finetune_lr", "finetune_batch_size",
+            "distill_temperature", "surrogate_slope")}}
 
         def stage4():
             snn = copy.deepcopy(converted)
