@@ -118,7 +118,8 @@ def test_attack_never_receives_the_victims_images(store, monkeypatch):
     tensors = list(update.gradients) + list(update.model.parameters()) + list(update.model.buffers())
     assert all(t.shape != truth.shape and t.numel() != truth.numel() or not torch.equal(t.reshape(-1), truth.reshape(-1))
                for t in tensors)
-    assert obs.auxiliary is None and obs.model is None and obs.query is None
+    assert obs.model is None and obs.query is None
+    assert victim_id not in obs.auxiliary.ids  # the attacker's population data never holds the victim
     assert update.round == "init"
 
 

@@ -247,7 +247,7 @@ class GASCNN(Defense):
         return {"defense": "gascnn", "model": c.model, "model_params": dict(c.model_params),
                 "data": dict(ctx.data_identity),
                 "members": hashlib.sha256("\n".join(members.ids).encode()).hexdigest(),
-                "target_seed": c.trained_target_seed, "train_seed": ctx.seeds["train"],
+                "init_seed": ctx.seeds["init"], "train_seed": ctx.seeds["train"],
                 "initial_weights": state_digest(model.state_dict()),
                 "teacher": dataclasses.asdict(self.params.teacher())}
 
