@@ -17,6 +17,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from privbench import registry
+from privbench.config import RunConfig
+from privbench.metrics.family import headline
+
+_DEFAULTS = RunConfig()  # every default of ``bench run`` is RunConfig's own
 
 app = typer.Typer(
     help="privbench: benchmark privacy attacks against privacy defenses on medical images.",
@@ -50,27 +54,27 @@ def main(
 
 @app.command()
 def run(
-    defense: Annotated[str, typer.Option(help="Defense name (see 'bench list').")] = "none",
-    attack: Annotated[str, typer.Option(help="Attack name (see 'bench list').")] = "dlg",
-    dataset: Annotated[str, typer.Option(help="synthetic-mri, brain-tumor-mri, imagefolder:<path>, medmnist:<flag>.")] = "synthetic-mri",
+    defense: Annotated[str, typer.Option(help="Defense name (see 'bench list').")] = _DEFAULTS.defense,
+    attack: Annotated[str, typer.Option(help="Attack name (see 'bench list').")] = _DEFAULTS.attack,
+    dataset: Annotated[str, typer.Option(help="synthetic-mri, brain-tumor-mri, imagefolder:<path>, medmnist:<flag>.")] = _DEFAULTS.dataset,
     data_root: Annotated[Path | None, typer.Option(help="Folder holding the dataset.")] = None,
-    model: Annotated[str, typer.Option(help="Target model architecture.")] = "lenet",
-    image_size: Annotated[int, typer.Option(help="Images are resized to this many pixels a side.")] = 32,
-    channels: Annotated[int, typer.Option(help="1 (grayscale) or 3 (RGB).")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the initialization, training, victim choice and attack.")] = 0,
-    split_seed: Annotated[int, typer.Option(help="Seed of the members / nonmembers / auxiliary split.")] = 0,
+    model: Annotated[str, typer.Option(help="Target model architecture.")] = _DEFAULTS.model,
+    image_size: Annotated[int, typer.Option(help="Images are resized to this many pixels a side.")] = _DEFAULTS.image_size,
+    channels: Annotated[int, typer.Option(help="1 (grayscale) or 3 (RGB).")] = _DEFAULTS.channels,
+    seed: Annotated[int, typer.Option(help="Seed of the initialization, training, victim choice and attack.")] = _DEFAULTS.seed,
+    split_seed: Annotated[int, typer.Option(help="Seed of the members / nonmembers / auxiliary split.")] = _DEFAULTS.split_seed,
     target_seed: Annotated[int | None, typer.Option(
         help="Seed of the trained target alone (initialization, training, defense secrets); --seed then picks only "
-             "the victim and the attack, so several seeds attack one released model. Default: --seed.")] = None,
+             "the victim and the attack, so several seeds attack one released model. Default: --seed.")] = _DEFAULTS.target_seed,
     defense_param: Annotated[list[str] | None, typer.Option("--defense-param", help="key=value, repeatable.")] = None,
     attack_param: Annotated[list[str] | None, typer.Option("--attack-param", help="key=value, repeatable.")] = None,
     model_param: Annotated[list[str] | None, typer.Option("--model-param", help="key=value, repeatable.")] = None,
-    gradient_round: Annotated[str, typer.Option("--round", help="Gradients at 'init' (seed's initialization) or 'trained'.")] = "init",
-    victim_batch: Annotated[int, typer.Option(help="Images in the victim's batch.")] = 1,
-    members: Annotated[int | None, typer.Option(help="Members (target training set) count; default half the data.")] = None,
-    nonmembers: Annotated[int | None, typer.Option(help="Nonmembers count; default a quarter of the data.")] = None,
-    auxiliary: Annotated[int | None, typer.Option(help="Auxiliary count; default the rest.")] = None,
-    max_grad_evals: Annotated[int | None, typer.Option(help="Cap on the attack's gradient evaluations.")] = None,
+    gradient_round: Annotated[str, typer.Option("--round", help="Gradients at 'init' (seed's initialization) or 'trained'.")] = _DEFAULTS.gradient_round,
+    victim_batch: Annotated[int, typer.Option(help="Images in the victim's batch.")] = _DEFAULTS.victim_batch,
+    members: Annotated[int | None, typer.Option(help="Members (target training set) count; default half the data.")] = _DEFAULTS.split.members,
+    nonmembers: Annotated[int | None, typer.Option(help="Nonmembers count; default a quarter of the data.")] = _DEFAULTS.split.nonmembers,
+    auxiliary: Annotated[int | None, typer.Option(help="Auxiliary count; default the rest.")] = _DEFAULTS.split.auxiliary,
+    max_grad_evals: Annotated[int | None, typer.Option(help="Cap on the attack's gradient evaluations.")] = _DEFAULTS.budget.max_grad_evals,
     force: Annotated[bool, typer.Option("--force", help="Recompute even if a stored result exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result row as JSON.")] = False,
     store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
@@ -78,7 +82,7 @@ def run(
     allow_download: Annotated[bool, typer.Option("--allow-download", help="Let datasets download missing files.")] = False,
 ) -> None:
     """Run one defense x attack pair (or return its stored result) and store one row."""
-    from privbench.config import Budget, ConfigError, RunConfig, parse_assignments
+    from privbench.config import Budget, ConfigError, parse_assignments
     from privbench.datasets.splits import SplitSpec
     from privbench.runner import RunOptions, lookup
     from privbench.store import Store
@@ -154,11 +158,9 @@ def _print_result(result, store) -> None:
     metrics = result.metrics
     unavailable = result.info.get("unavailable_metrics", {})
     table = Table("metric", "attack", "baseline")
-    names = ["psnr", "ssim", "mse", "label_accuracy"] + sorted(m for m in metrics if m.startswith("lpips"))
-    for name in names:
-        if name in metrics:
-            note = " (see below)" if name in unavailable else ""
-            table.add_row(escape(name), _fmt(metrics[name]) + note, _fmt(metrics.get(f"baseline_{name}")))
+    for name in headline(metrics, result.info):
+        note = " (see below)" if name in unavailable else ""
+        table.add_row(escape(name), _fmt(metrics[name]) + note, _fmt(metrics.get(f"baseline_{name}")))
     console.print(table)
     for name, reason in unavailable.items():
         console.print(f"[yellow]{escape(name)}: n/a ({escape(reason)})[/]", highlight=False)
@@ -210,14 +212,15 @@ def runs(
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows], indent=2, default=str))
         return
-    table = Table("run", "status", "defense", "attack", "dataset", "model", "seed", "psnr", "ssim", "baseline psnr", "time s")
+    table = Table("run", "status", "defense", "attack", "dataset", "model", "seed", "metrics (attack / baseline)",
+                  "time s")
     for r in rows:
         c = r.config
-        table.add_row(
-            r.run_id, r.status, c["defense"], c["attack"], c["dataset"], c["model"], str(c["seed"]),
-            _fmt(r.metrics.get("psnr")), _fmt(r.metrics.get("ssim")), _fmt(r.metrics.get("baseline_psnr")),
-            f"{r.wall_time_s:.1f}",
-        )
+        shown = "; ".join(f"{name} {_fmt(r.metrics[name])}" + (f" / {_fmt(r.metrics[f'baseline_{name}'])}"
+                                                                if f"baseline_{name}" in r.metrics else "")
+                          for name in headline(r.metrics, r.info)[:3])
+        table.add_row(r.run_id, r.status, c["defense"], c["attack"], c["dataset"], c["model"], str(c["seed"]),
+                      escape(shown), f"{r.wall_time_s:.1f}")
     console.print(table)
     counts = store.counts()
     console.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no runs stored yet")

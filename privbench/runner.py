@@ -185,7 +185,7 @@ def execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pat
     output = attack.run(prepared.observation, cfg.budget, attack_progress)
     result.costs["attack_time_s"] = time.perf_counter() - t0
     result.grad_evals = output.grad_evals
-    result.info["attack"] = output.info
+    result.info.update(attack=output.info, family=attack.family)
 
     context = ScoreContext(prepared.auxiliary, result.costs, staging, attack.surface, options.allow_download)
     scores = prepared.scorer.score(output, prepared.truth, context)

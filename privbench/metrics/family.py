@@ -19,6 +19,28 @@ if TYPE_CHECKING:
     from privbench.threat import Surface
 
 
+# The metrics a person reads first, per family, in order (each beside its baseline where one exists).
+HEADLINE: dict[str, tuple[str, ...]] = {
+    "reconstruction": ("psnr", "ssim", "mse", "label_accuracy"),
+    "membership": ("auc", "advantage", "balanced_accuracy", "tpr_at_0.01_fpr", "tpr_at_0.001_fpr",
+                   "empirical_epsilon_lower_bound", "dp_audit_power"),
+}
+
+
+def family_of(metrics: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """The attack family of a stored row: as recorded, or (older rows) read off its metrics."""
+    if info.get("family"):
+        return info["family"]
+    return next((name for name, headline in HEADLINE.items() if headline[0] in metrics), None)
+
+
+def headline(metrics: dict[str, Any], info: dict[str, Any]) -> list[str]:
+    """The headline metric names a stored row has, in order (perceptual metrics after the family's own)."""
+    names = list(HEADLINE.get(family_of(metrics, info) or "", ()))
+    names += sorted(m for m in metrics if m.startswith(("lpips", "fid", "kid", "fd_eval")))
+    return [name for name in names if name in metrics]
+
+
 @dataclass(frozen=True)
 class ScoreContext:
     """What a scorer may use besides the output and the truth.
