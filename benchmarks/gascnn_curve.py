@@ -5,9 +5,11 @@ Prints, for the released SNN of one config (issue 6, acceptance 1-3):
 - the time of each stage (teacher, synthesis, conversion, spike learning, evaluation) and the utility twin;
 - teacher and SNN accuracy on nonmembers and their gap, beside the paper's claim (within 3 points);
 - accuracy vs T for both encodings, converted and fine-tuned;
-- energy per inference vs T: ANN MACs x 4.6 pJ against the SNN's measured synaptic operations x 0.9 pJ
-  (plus the first layer's MACs x T x 4.6 pJ under direct encoding), the ratio beside the paper's 52x,
-  and the per-layer spike rates behind it.
+- energy per inference vs T under the row's stated convention (``energy_convention``): the ANN's MACs x 4.6 pJ
+  plus its bias, residual and pooling adds x 0.9 pJ, against the SNN's measured synaptic operations, membrane
+  updates, reset subtractions and residual adds x 0.9 pJ (plus the first layer's MACs x T x 4.6 pJ under direct
+  encoding); the ratio beside the paper's 52x, the ratio of the synaptic-operation convention alone (ANN MACs
+  vs SNN synaptic ops and first-layer MACs), and the per-layer spike rates behind it.
 
     PRIVBENCH_DATA_DIR=../shared/datasets python benchmarks/gascnn_curve.py              # defaults of the issue
     python benchmarks/gascnn_curve.py --dataset synthetic-mri --image-size 16 \\
@@ -78,8 +80,14 @@ def main() -> None:
             print(f"  {encoding + ' ' + stage:<22}" + "".join(f"{c:<9.3f}" if c is not None else "n/a      " for c in cells))
 
     ann_uj = costs["ann_energy_pj"] / 1e6
-    print(f"\nenergy per inference: ANN {costs['ann_macs'] / 1e6:.2f} M MACs x 4.6 pJ = {ann_uj:.2f} uJ "
+    ann_parts = ", ".join(f"{k} {v / 1e6:.3f}" for k, v in costs["ann_energy_breakdown_pj"].items())
+    print(f"\nenergy per inference; convention: {costs['energy_convention']}")
+    print(f"  ANN {ann_uj:.2f} uJ ({ann_parts} uJ; {costs['ann_macs'] / 1e6:.2f} M MACs) "
           f"(paper's ratio: {PAPER_ENERGY_RATIO:.0f}x)")
+    snn_parts = ", ".join(f"{k} {v / 1e6:.3f}" for k, v in costs["snn_energy_breakdown_pj"].items())
+    print(f"  released SNN on {costs['snn_energy_images']} nonmembers: {costs['snn_energy_pj'] / 1e6:.2f} uJ "
+          f"({snn_parts} uJ); ANN/SNN {costs['energy_ratio_ann_over_snn']:.2f}x, synaptic-operation convention "
+          f"alone {costs['energy_ratio_ann_over_snn_synaptic_only']:.2f}x")
     for encoding in ("direct", "poisson"):
         print(f"  {encoding}:")
         for t in steps:
@@ -88,9 +96,12 @@ def main() -> None:
                 continue
             rates = ", ".join(f"{k} {v:.3f}" for k, v in e["spike_rates"].items())
             ratio = e["ratio_ann_over_snn"]
+            ops = e["operations_per_image"]
             print(f"    T={t:<3} SNN {e['snn_energy_pj'] / 1e6:8.2f} uJ  ANN/SNN {ratio:6.2f}x  "
-                  f"synaptic ops {e['synaptic_ops_per_image'] / 1e6:7.2f} M  analog MACs "
-                  f"{e['analog_macs_per_image'] / 1e6:6.2f} M  spike rates: {rates}")
+                  f"synaptic ops {ops['synaptic_ops'] / 1e6:7.2f} M  membrane updates "
+                  f"{ops['membrane_updates'] / 1e6:6.2f} M  resets {ops['reset_subtractions'] / 1e6:6.2f} M  "
+                  f"residual adds {ops['residual_adds'] / 1e6:6.2f} M  first-layer MACs "
+                  f"{ops['first_layer_macs'] / 1e6:6.2f} M  spike rates: {rates}")
 
     # the teacher is the defense's utility twin (`none` with the teacher's training), so its target is cached
     defense_cls = registry.defenses.get("gascnn")

@@ -348,6 +348,72 @@ def weights_fetch(
                 raise typer.Exit(1) from None
 
 
+ledger_app = typer.Typer(help="The he defense's hash-chained ledger of aggregation rounds.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("verify")
+def ledger_verify(
+    source: Annotated[str, typer.Argument(help="A run id (its ledger artifacts) or the path of a ledger.jsonl.")],
+    store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
+) -> None:
+    """Recompute a ledger's hash chain; for a run id, also compare its head and block count with those the run
+    recorded. Exit 0 if everything matches, 1 naming the first mismatch."""
+    from privbench.defenses.he.ledger import verify
+    from privbench.store import Store
+
+    path = Path(source)
+    if path.is_file():
+        result = verify(path.read_bytes())
+        _print_ledger(path, result)
+        console.print("no stored head to compare: truncation cannot be detected (give the run id to compare the "
+                      "chain with the head and block count its row recorded)", highlight=False)
+        raise typer.Exit(0 if result.ok else 1)
+    try:
+        store = Store(store_path)
+        row = store.get(source)
+    except _input_errors() as exc:
+        _fail_input(exc)
+    if row is None:
+        _fail_input(ValueError(f"{source!r} is neither a ledger file nor a run id in {store.path}; "
+                               f"give a path to ledger.jsonl or a run id from 'bench runs'"))
+    # the target's ledger, and the utility twin's (its plaintext federation keeps one too)
+    recorded = [(name, (row.info.get(part) or {}).get("training") or {})
+                for name, part in (("ledger.jsonl", "target"), ("twin-ledger.jsonl", "twin"))]
+    recorded = [(name, training) for name, training in recorded
+                if "ledger_head" in training or name in (training.get("artifacts") or ())]
+    if not recorded:
+        _fail_input(ValueError(f"run {source} has no ledger (only the he defense writes one; "
+                               f"its defense is {row.config.get('defense')!r})"))
+    failed = False
+    for name, training in recorded:
+        path = store.root / (row.artifacts or "") / name
+        head, blocks = training.get("ledger_head"), training.get("ledger_blocks")
+        if not path.is_file():
+            err_console.print(f"[bold red]{escape(str(path))}: missing[/]: run {escape(source)} recorded a ledger of "
+                              f"{_fmt(blocks)} blocks with head {_fmt(head)}", highlight=False)
+            failed = True
+            continue
+        if head is None or blocks is None:
+            result = verify(path.read_bytes())
+            console.print(f"run {escape(source)} stored no ledger head for {name}: truncation cannot be detected",
+                          highlight=False)
+        else:
+            result = verify(path.read_bytes(), expected_head=head, expected_blocks=blocks)
+        _print_ledger(path, result)
+        failed = failed or not result.ok
+    raise typer.Exit(1 if failed else 0)
+
+
+def _print_ledger(path: Path, result) -> None:
+    if result.ok:
+        matched = f", ending in the recorded head {result.head}" if result.compared else ""
+        console.print(f"{escape(str(path))}: {result.blocks} block{'' if result.blocks == 1 else 's'}, hash chain intact{matched}", highlight=False)
+        return
+    where = "" if result.chain_intact else f" (block {result.bad_block} of {result.blocks}; every later block is unverified)"
+    err_console.print(f"[bold red]{escape(str(path))}: tampered[/]: {escape(result.reason)}{where}", highlight=False)
+
+
 def entrypoint() -> None:  # pragma: no cover - console script
     try:
         app()
@@ -357,39 +423,3 @@ def entrypoint() -> None:  # pragma: no cover - console script
 
 if __name__ == "__main__":  # pragma: no cover
     entrypoint()
-
-
-ledger_app = typer.Typer(help="The he defense's hash-chained ledger of aggregation rounds.", no_args_is_help=True)
-app.add_typer(ledger_app, name="ledger")
-
-
-@ledger_app.command("verify")
-def ledger_verify(
-    source: Annotated[str, typer.Argument(help="A run id (its artifact ledger.jsonl) or the path of a ledger.jsonl.")],
-    store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
-) -> None:
-    """Recompute a stored ledger's hash chain; exit 0 if intact, 1 naming the first block that does not match."""
-    from privbench.defenses.he.ledger import verify
-    from privbench.store import Store
-
-    path = Path(source)
-    if not path.is_file():
-        try:
-            store = Store(store_path)
-            row = store.get(source)
-        except _input_errors() as exc:
-            _fail_input(exc)
-        if row is None:
-            _fail_input(ValueError(f"{source!r} is neither a ledger file nor a run id in {store.path}; "
-                                   f"give a path to ledger.jsonl or a run id from 'bench runs'"))
-        path = store.root / (row.artifacts or "") / "ledger.jsonl"
-        if not row.artifacts or not path.is_file():
-            _fail_input(ValueError(f"run {source} has no ledger artifact (only the he defense writes one; "
-                                   f"its defense is {row.config.get('defense')!r})"))
-    result = verify(path.read_bytes())
-    if result.ok:
-        console.print(f"{path}: {result.blocks} blocks, hash chain intact")
-        return
-    err_console.print(f"[bold red]{escape(str(path))}: tampered[/]: {escape(result.reason)} "
-                      f"(block {result.bad_block} of {result.blocks}; every later block is unverified)", highlight=False)
-    raise typer.Exit(1)

@@ -57,8 +57,68 @@ def test_energy_counts_of_a_two_layer_network_match_a_hand_count():
     assert snnlib.fan_out_ops(linear, torch.tensor([[1.0, 0, 1, 0, 0, 1, 0, 0]])) == 3 * 3
     assert snnlib.macs(conv, (1, 4, 4)) == 2 * 4 * 4 * 9  # outputs x fan-in (padding counted, as usual)
     assert snnlib.macs(linear, (8,)) == 24
-    record = snnlib.SpikeRecord(synaptic_ops={"a": 100.0}, analog_macs={"b": 10.0}, images=2)
-    assert record.energy_pj() == pytest.approx((100 * 0.9 + 10 * 4.6) / 2)
+    record = snnlib.SpikeRecord(synaptic_ops={"a": 100.0}, analog_macs={"b": 10.0}, membrane_updates={"a": 40.0},
+                                residual_adds={"b": 6.0}, spikes={"a": 4.0}, images=2)
+    assert record.energy_pj() == pytest.approx((100 * 0.9 + 10 * 4.6 + (40 + 6 + 4) * 0.9) / 2)
+    assert record.synaptic_energy_pj() == pytest.approx((100 * 0.9 + 10 * 4.6) / 2)
+
+
+def _tiny_resnet():
+    """ResNet-8 of width 2 on 1x8x8 images, 3 classes: feature maps 2x8x8, 4x4x4, 8x2x2."""
+    torch.manual_seed(0)
+    ann = build_model("resnet", {"width": 2}, 1, 8, 3, seed=0).eval()
+    for m in ann.modules():  # non-trivial BatchNorm statistics, so the folded biases are not zero
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return ann
+
+
+@pytest.mark.parametrize("encoding", ["direct", "poisson"])
+def test_snn_operation_counts_match_a_hand_count(encoding):
+    ann, steps, batch = _tiny_resnet(), 3, 2
+    images = torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    snn = snnlib.SpikingResNet(ann, snnlib.balanced_thresholds(ann, images, 99.0), steps, encoding).eval()
+    fired: list[float] = []  # every IF layer's spikes, counted independently of the record
+    for lif in [snn.lif_stem] + [n for b in snn.blocks for n in (b.lif_a, b.lif_b)]:
+        lif.register_forward_hook(lambda mod, inp, out: fired.append(float((out[0] != 0).sum())))
+    record = snnlib.SpikeRecord()
+    snn.record = record
+    with torch.no_grad():
+        snn(images)
+
+    neurons = 2 * 8 * 8 + 2 * (2 * 8 * 8) + 2 * (4 * 4 * 4) + 2 * (8 * 2 * 2)  # stem, then a and b of each block
+    assert neurons == 576 and sum(record.neurons.values()) == neurons
+    ops = record.operations()
+    assert ops["membrane_updates"] == (neurons + 3) * steps  # every IF neuron and the 3 output integrators, each step
+    assert ops["residual_adds"] == (2 * 8 * 8 + 4 * 4 * 4 + 8 * 2 * 2) * steps  # each block's sum, each step
+    assert ops["reset_subtractions"] == pytest.approx(sum(fired) / batch) and sum(fired) > 0  # one per spike
+    stem_macs = 2 * 8 * 8 * 9  # outputs x fan-in of the 3x3 stem, at every step, only when fed analog images
+    assert ops["first_layer_macs"] == (stem_macs * steps if encoding == "direct" else 0)
+    assert ops["synaptic_ops"] == pytest.approx(sum(record.synaptic_ops.values()) / batch) and ops["synaptic_ops"] > 0
+    parts = record.energy_breakdown_pj()
+    assert parts["membrane_updates"] == pytest.approx(ops["membrane_updates"] * 0.9)
+    assert parts["first_layer_macs"] == pytest.approx(ops["first_layer_macs"] * 4.6)
+    assert record.energy_pj() == pytest.approx(sum(parts.values()))
+    assert record.energy_pj() - record.synaptic_energy_pj() == pytest.approx(
+        0.9 * (ops["membrane_updates"] + ops["residual_adds"] + ops["reset_subtractions"]))
+
+
+def test_ann_operation_counts_match_a_hand_count():
+    ops = snnlib.ann_operations(_tiny_resnet(), (1, 8, 8))
+    macs = (2 * 8 * 8 * 9  # stem 1->2, 3x3
+            + 2 * (2 * 8 * 8 * 18)  # block 0: two 2->2 3x3 convs at 8x8
+            + 4 * 4 * 4 * 18 + 4 * 4 * 4 * 36 + 4 * 4 * 4 * 2  # block 1: 2->4 (stride 2), 4->4, shortcut 1x1 2->4
+            + 8 * 2 * 2 * 36 + 8 * 2 * 2 * 72 + 8 * 2 * 2 * 4  # block 2: 4->8 (stride 2), 8->8, shortcut 1x1 4->8
+            + 8 * 3)  # fc
+    assert ops == {
+        "macs": macs,
+        "bias_adds": 2 * 8 * 8 * 3 + 4 * 4 * 4 * 3 + 8 * 2 * 2 * 3 + 3,  # every BatchNorm output (folded), fc bias
+        "residual_adds": 2 * 8 * 8 + 4 * 4 * 4 + 8 * 2 * 2,
+        "pooling_adds": 8 * 2 * 2,
+    }
+    energy, counts = snnlib.ann_energy_pj(_tiny_resnet(), (1, 8, 8))
+    assert counts == ops and energy == pytest.approx(4.6 * macs + 0.9 * (ops["bias_adds"] + 224 + 32))
 
 
 def test_conversion_preserves_the_ann_predictions_at_large_t(parts):
@@ -116,6 +176,11 @@ def test_gascnn_end_to_end_through_the_runner(bench_home):
     assert result.status == "ok", result.traceback
     costs = result.costs
     assert costs["snn_energy_pj"] > 0 and costs["ann_energy_pj"] > 0
+    assert "membrane updates" in costs["energy_convention"] and "0.9 pJ" in costs["energy_convention"]
+    assert costs["snn_energy_pj"] == pytest.approx(sum(costs["snn_energy_breakdown_pj"].values()))
+    assert costs["ann_energy_pj"] == pytest.approx(sum(costs["ann_energy_breakdown_pj"].values()))
+    assert costs["snn_operations"]["membrane_updates"] > 0 and costs["snn_operations"]["residual_adds"] > 0
+    assert costs["snn_energy_pj_synaptic_only"] < costs["snn_energy_pj"]
     assert "poisson/T=4" in result.info["target"]["training"]["accuracy_vs_T"]
     assert "EOT" in result.info["attack"]["adaptive"]
     assert (Store().root / result.artifacts / "synthetic_per_class.png").is_file()

@@ -49,7 +49,15 @@ from privbench.defenses.base import (
     model_at_round,
     released_model_observation,
 )
-from privbench.defenses.gascnn.snn import SpikeRecord, SpikingResNet, ann_energy_pj, balanced_thresholds
+from privbench.defenses.gascnn.snn import (
+    ENERGY_CONVENTION,
+    PJ_PER_MAC,
+    SpikeRecord,
+    SpikingResNet,
+    ann_energy_breakdown_pj,
+    ann_energy_pj,
+    balanced_thresholds,
+)
 from privbench.defenses.gascnn.synthesis import SynthesisParams, synthesize, train_generator
 from privbench.models.resnet import SmallResNet
 from privbench.threat import Observation, Surface, Victim
@@ -221,6 +229,10 @@ class GASCNN(Defense):
             raise ConfigError("the gascnn defense needs snntorch: pip install 'privbench[snn]'")
         super().__init__(params)
 
+    def identity(self) -> dict[str, Any]:
+        """The cached target carries its energy figures (costs): a change of ``ENERGY_CONVENTION`` is a new entry."""
+        return {**super().identity(), "energy_convention": ENERGY_CONVENTION}
+
     # -- architecture ----------------------------------------------------------
     def released_architecture(self, model: nn.Module) -> nn.Module:
         ann = self._check_model(model)
@@ -332,20 +344,30 @@ class GASCNN(Defense):
         teacher_accuracy = accuracy(teacher, nonmembers)
         curve, energy = self._curve(teacher, converted, released, nonmembers, c)
         stage_times["evaluation_s"] = time.perf_counter() - t0
-        snn_acc = snn_accuracy(released, nonmembers.images, nonmembers.labels, p.timesteps, p.encoding)
-        ann_pj, ann_macs = ann_energy_pj(teacher, nonmembers.image_shape)
-        at_release = energy.get(f"{p.encoding}/T={p.timesteps}")
+        release = SpikeRecord()  # the released SNN's operations, counted on the pass that measures its accuracy
+        snn_acc = snn_accuracy(released, nonmembers.images, nonmembers.labels, p.timesteps, p.encoding, record=release)
+        ann_pj, ann_ops = ann_energy_pj(teacher, nonmembers.image_shape)
+        snn_pj, synaptic_pj = release.energy_pj(), release.synaptic_energy_pj()
         costs = {
             **{f"time_{k}": v for k, v in stage_times.items()},
             "train_time_s": sum(stage_times.values()),
             "teacher_accuracy": teacher_accuracy,
             "snn_accuracy": snn_acc,
             "accuracy_gap_teacher_minus_snn": teacher_accuracy - snn_acc,
+            "energy_convention": ENERGY_CONVENTION,
             "ann_energy_pj": ann_pj,
-            "ann_macs": float(ann_macs),
+            "ann_energy_pj_macs_only": ann_ops["macs"] * PJ_PER_MAC,
+            "ann_macs": float(ann_ops["macs"]),
+            "ann_operations": {k: float(v) for k, v in ann_ops.items()},
+            "ann_energy_breakdown_pj": ann_energy_breakdown_pj(ann_ops),
+            "snn_energy_pj": snn_pj,
+            "snn_energy_pj_synaptic_only": synaptic_pj,
+            "snn_operations": release.operations(),
+            "snn_energy_breakdown_pj": release.energy_breakdown_pj(),
+            "snn_energy_images": release.images,
+            "energy_ratio_ann_over_snn": ann_pj / snn_pj if snn_pj else None,
+            "energy_ratio_ann_over_snn_synaptic_only": ann_ops["macs"] * PJ_PER_MAC / synaptic_pj if synaptic_pj else None,
         }
-        if at_release:
-            costs.update(snn_energy_pj=at_release["snn_energy_pj"], energy_ratio_ann_over_snn=ann_pj / at_release["snn_energy_pj"])
         return Target(
             model=released,
             initial_state=copy.deepcopy(converted.state_dict()),
@@ -363,8 +385,8 @@ class GASCNN(Defense):
         )
 
     def _curve(self, teacher, converted, released, nonmembers, c) -> tuple[dict, dict]:
-        """Accuracy on nonmembers for each T and encoding, converted and fine-tuned; energy and spike rates
-        of the fine-tuned SNN per inference (pJ), against the ANN's MACs x 4.6 pJ."""
+        """Accuracy on nonmembers for each T and encoding, converted and fine-tuned; energy (with its breakdown)
+        and spike rates of the fine-tuned SNN per inference (pJ), against the ANN's (``ENERGY_CONVENTION``)."""
         ann_pj, _ = ann_energy_pj(teacher, nonmembers.image_shape)
         curve: dict[str, dict[str, float]] = {}
         energy: dict[str, dict[str, Any]] = {}
@@ -378,12 +400,15 @@ class GASCNN(Defense):
                     "converted": snn_accuracy(converted, x, y, steps, encoding),
                     "fine_tuned": snn_accuracy(released, x, y, steps, encoding, record=record),
                 }
-                snn_pj = record.energy_pj()
+                snn_pj, ops = record.energy_pj(), record.operations()
                 energy[name] = {"images": len(x), "snn_energy_pj": snn_pj, "ann_energy_pj": ann_pj,
                                 "ratio_ann_over_snn": ann_pj / snn_pj if snn_pj else None,
+                                "snn_energy_pj_synaptic_only": record.synaptic_energy_pj(),
+                                "energy_breakdown_pj": record.energy_breakdown_pj(),
+                                "operations_per_image": ops,
                                 "spike_rates": record.spike_rates(),
-                                "synaptic_ops_per_image": sum(record.synaptic_ops.values()) / max(record.images, 1),
-                                "analog_macs_per_image": sum(record.analog_macs.values()) / max(record.images, 1)}
+                                "synaptic_ops_per_image": ops["synaptic_ops"],
+                                "analog_macs_per_image": ops["first_layer_macs"]}
         return curve, energy
 
     # -- surfaces ----------------------------------------------------------------

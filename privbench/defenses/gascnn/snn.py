@@ -1,5 +1,5 @@
 """ResNet -> spiking ResNet conversion (Rueckauer et al. 2017 style) with snntorch integrate-and-fire
-neurons, input encoders, and synaptic-operation counting for the energy estimate.
+neurons, input encoders, and operation counting for the energy estimate (``ENERGY_CONVENTION``).
 
 The SNN mirrors ``privbench.models.resnet.SmallResNet`` with BatchNorm folded into the
 convolutions. Every ReLU becomes ``snntorch.Leaky(beta=1, reset_mechanism="subtract")`` (an
@@ -22,8 +22,21 @@ from torch.nn import functional as F
 from privbench.models.resnet import BasicBlock, SmallResNet
 
 Encoding = Literal["poisson", "direct"]
-ANN_PJ_PER_MAC = 4.6  # 45 nm, 32-bit float multiply-accumulate (Horowitz 2014), as the GASCNN paper uses
-SNN_PJ_PER_AC = 0.9  # 45 nm, 32-bit float accumulate
+PJ_PER_MAC = 4.6  # 45 nm, 32-bit float multiply-accumulate (Horowitz 2014: 3.7 mult + 0.9 add), as the paper uses
+PJ_PER_AC = 0.9  # 45 nm, 32-bit float add (accumulate), Horowitz 2014
+
+ENERGY_CONVENTION = (
+    f"per inference (one image), 45 nm 32-bit float (Horowitz 2014): MAC {PJ_PER_MAC} pJ, add (AC) {PJ_PER_AC} pJ. "
+    "SNN, summed over T steps: synaptic ops (input events x fan-out into every conv, shortcut conv, and the fc "
+    "through average pooling) + membrane updates (1 AC per neuron per step, every integrate-and-fire layer and "
+    "the K output integrators; the folded-BatchNorm bias enters here) + reset subtractions (1 AC per spike) + "
+    "residual adds (1 AC per element of each block's sum per step, dense) at the AC cost; + first-layer MACs "
+    "(stem conv x T) under direct encoding at the MAC cost. ANN: conv/fc MACs at the MAC cost + bias adds "
+    "(folded BatchNorm and fc bias, 1 per output element) + residual adds (1 per element of each block's sum) + "
+    "average-pooling adds (1 per pooled element) at the AC cost. Not counted on either side: threshold "
+    "comparisons / ReLU, the final division (by T, by the pooled area), the Poisson encoder's draws, memory "
+    "access and data movement."
+)
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -50,11 +63,16 @@ class SpikeRecord:
 
     ``synaptic_ops[layer]``: accumulate operations caused by input spikes (spikes x fan-out);
     ``analog_macs[layer]``: multiply-accumulates of layers fed analog values (direct encoding);
-    ``spikes[layer]`` / ``neurons[layer]``: output spikes and neuron count, for spike rates.
+    ``membrane_updates[layer]``: one per neuron per step (integrate-and-fire layers and the output integrator);
+    ``residual_adds[block]``: one per element of the block's sum (conv2 current + shortcut) per step;
+    ``spikes[layer]`` / ``neurons[layer]``: output spikes and neuron count, for spike rates (each spike also
+    costs one reset subtraction). ``ENERGY_CONVENTION`` states what the energy counts.
     """
 
     synaptic_ops: dict[str, float] = field(default_factory=dict)
     analog_macs: dict[str, float] = field(default_factory=dict)
+    membrane_updates: dict[str, float] = field(default_factory=dict)
+    residual_adds: dict[str, float] = field(default_factory=dict)
     spikes: dict[str, float] = field(default_factory=dict)
     neurons: dict[str, int] = field(default_factory=dict)
     images: int = 0
@@ -67,10 +85,31 @@ class SpikeRecord:
         """Mean spikes per neuron per time step, per layer."""
         return {k: self.spikes[k] / max(self.neurons[k] * self.images * self.steps, 1) for k in self.spikes}
 
+    def operations(self) -> dict[str, float]:
+        """Operations of one inference (per image), by kind."""
+        n = max(self.images, 1)
+        return {
+            "synaptic_ops": sum(self.synaptic_ops.values()) / n,
+            "membrane_updates": sum(self.membrane_updates.values()) / n,
+            "reset_subtractions": sum(self.spikes.values()) / n,
+            "residual_adds": sum(self.residual_adds.values()) / n,
+            "first_layer_macs": sum(self.analog_macs.values()) / n,
+        }
+
+    def energy_breakdown_pj(self) -> dict[str, float]:
+        """Energy of one inference (per image) by kind of operation, in pJ."""
+        return {kind: count * (PJ_PER_MAC if kind == "first_layer_macs" else PJ_PER_AC)
+                for kind, count in self.operations().items()}
+
     def energy_pj(self) -> float:
-        """Energy of one inference (per image), in pJ."""
-        ops = sum(self.synaptic_ops.values()) * SNN_PJ_PER_AC + sum(self.analog_macs.values()) * ANN_PJ_PER_MAC
-        return ops / max(self.images, 1)
+        """Energy of one inference (per image), in pJ, every counted operation (see ``ENERGY_CONVENTION``)."""
+        return sum(self.energy_breakdown_pj().values())
+
+    def synaptic_energy_pj(self) -> float:
+        """The synaptic-operation convention alone (synaptic ops + first-layer MACs, per image, pJ): what
+        SNN energy estimates usually report, without membrane updates, resets and residual adds."""
+        parts = self.energy_breakdown_pj()
+        return parts["synaptic_ops"] + parts["first_layer_macs"]
 
 
 def fan_out_ops(layer: nn.Module, spikes: torch.Tensor) -> float:
@@ -160,6 +199,7 @@ class SpikingResNet(nn.Module):
         spikes, mem[name] = lif(current, mem[name])
         if self.record is not None:
             self.record.add(self.record.spikes, name, (spikes.detach() != 0).sum())
+            self.record.add(self.record.membrane_updates, name, current.numel())
             self.record.neurons[name] = int(current[0].numel())
         return spikes
 
@@ -182,10 +222,13 @@ class SpikingResNet(nn.Module):
                 if block.shortcut is not None:
                     self._count(f"block{i}.shortcut", block.shortcut, s)
                     residual = block.shortcut(s)
+                if self.record is not None:  # the block's sum: one add per element
+                    self.record.add(self.record.residual_adds, f"block{i}", residual.numel())
                 s = self._fire(f"block{i}.b", block.lif_b, block.conv2(h) + residual, mem)
             pooled = F.adaptive_avg_pool2d(s, 1).flatten(1)
             if self.record is not None:  # average pooling then fc: each spike reaches the K outputs once
                 self.record.add(self.record.synaptic_ops, "fc", float((s.detach() != 0).sum()) * self.fc.out_features)
+                self.record.add(self.record.membrane_updates, "fc", len(s) * self.fc.out_features)  # K integrators
             total = total + self.fc(pooled)
         return total / steps
 
@@ -227,16 +270,40 @@ def balanced_thresholds(ann: SmallResNet, images: torch.Tensor, percentile: floa
     return out
 
 
-def ann_energy_pj(ann: SmallResNet, input_shape: tuple[int, int, int]) -> tuple[float, int]:
-    """Energy (pJ) and MACs of one ANN inference: conv/linear MACs x 4.6 pJ."""
-    total = 0
-    shapes: dict[nn.Module, tuple] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out: shapes.__setitem__(mod, tuple(inp[0].shape[1:])))
-             for m in ann.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        ann.eval()(torch.zeros(1, *input_shape))
-    for h in hooks:
-        h.remove()
-    for module, shape in shapes.items():
-        total += macs(module, shape)
-    return total * ANN_PJ_PER_MAC, total
+def ann_operations(ann: SmallResNet, input_shape: tuple[int, int, int]) -> dict[str, int]:
+    """Operations of one ANN inference, by kind (see ``ENERGY_CONVENTION``): conv/linear MACs; bias adds
+    (each BatchNorm output, folded into its conv, and each biased linear output); residual adds (each
+    element of a block's sum); average-pooling adds (each element of the pooled feature map)."""
+    counts = {"macs": 0, "bias_adds": 0, "residual_adds": 0, "pooling_adds": 0}
+
+    def hook(module, inputs, output):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            counts["macs"] += macs(module, tuple(inputs[0].shape[1:]))
+        if isinstance(module, nn.BatchNorm2d) or (isinstance(module, nn.Linear) and module.bias is not None):
+            counts["bias_adds"] += output[0].numel()
+        if isinstance(module, BasicBlock):  # the last block's output is the map average pooling sums
+            counts["residual_adds"] += output[0].numel()
+            counts["pooling_adds"] = output[0].numel()
+
+    hooks = [m.register_forward_hook(hook) for m in ann.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, BasicBlock))]
+    was_training = ann.training
+    try:
+        with torch.no_grad():
+            ann.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+        ann.train(was_training)
+    return counts
+
+
+def ann_energy_breakdown_pj(counts: dict[str, int]) -> dict[str, float]:
+    """Energy (pJ) of one ANN inference by kind, from ``ann_operations``: MACs at 4.6 pJ, adds at 0.9 pJ."""
+    return {kind: n * (PJ_PER_MAC if kind == "macs" else PJ_PER_AC) for kind, n in counts.items()}
+
+
+def ann_energy_pj(ann: SmallResNet, input_shape: tuple[int, int, int]) -> tuple[float, dict[str, int]]:
+    """Energy (pJ) of one ANN inference, every counted operation, and the operation counts by kind."""
+    counts = ann_operations(ann, input_shape)
+    return sum(ann_energy_breakdown_pj(counts).values()), counts

@@ -7,6 +7,12 @@ of the canonical JSON of those fields. Changing any byte of a stored block
 changes its recomputed hash (or breaks its JSON), and every later block names
 its predecessor's hash, so ``verify`` finds the first block that does not match.
 
+A chain that verifies on its own can still have lost blocks from its end, or
+have gained some: each block only names its predecessor. The training record
+therefore keeps the head (the last block's hash) and the block count, and
+``verify(..., expected_head=, expected_blocks=)`` compares the recomputed chain
+with them; without them truncation cannot be detected.
+
 This is a tamper-evident log kept by the simulation, not a blockchain: there is
 no consensus network, no replication between hospitals and no signatures, so
 whoever rewrites the whole chain consistently is not detected. It records what
@@ -48,12 +54,19 @@ def block_hash(fields: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """``ok``; else ``bad_block`` (index of the first block that does not match) and ``reason``."""
+    """``ok``; else ``bad_block`` (index of the first block that does not match, None if no single block
+    is to blame) and ``reason``. ``head``: the hash of the last block of the chain as far as it verified
+    (GENESIS for none). ``chain_intact``: whether every block verified against its predecessor (a failure
+    with an intact chain is a mismatch with the recorded head or count). ``compared``: whether a recorded
+    head and block count were compared."""
 
     ok: bool
     blocks: int
     bad_block: int | None = None
     reason: str = ""
+    head: str = GENESIS
+    chain_intact: bool = True
+    compared: bool = False
 
 
 @dataclass
@@ -91,22 +104,54 @@ class Ledger:
         return "".join(json.dumps(b, sort_keys=True, separators=(",", ":")) + "\n" for b in self.blocks)
 
 
-def verify(jsonl: str | bytes) -> VerifyResult:
-    """Recompute the chain of a stored ledger; name the first block that does not match."""
+def verify(jsonl: str | bytes, *, expected_head: str | None = None,
+           expected_blocks: int | None = None) -> VerifyResult:
+    """Recompute the chain of a stored ledger; name the first block that does not match.
+
+    With ``expected_head`` and ``expected_blocks`` (the head hash and block count recorded when the
+    ledger was written), an intact chain must also end in that head after that many blocks: this is
+    what detects blocks dropped from the end, appended after it, or a chain rewritten consistently.
+    """
+    if (expected_head is None) != (expected_blocks is None):
+        raise ValueError("give both expected_head and expected_blocks, or neither")
+    compared = expected_head is not None
     if isinstance(jsonl, bytes):
         jsonl = jsonl.decode("utf-8", errors="replace")
     lines = [line for line in jsonl.splitlines() if line.strip()]
     previous = GENESIS
+    hashes: list[str] = []
+
+    def broken(i: int, reason: str) -> VerifyResult:
+        return VerifyResult(False, len(lines), i, reason, previous, chain_intact=False, compared=compared)
+
     for i, line in enumerate(lines):
         try:
             block = json.loads(line)
         except json.JSONDecodeError as exc:
-            return VerifyResult(False, len(lines), i, f"block {i} is not valid JSON ({exc.msg})")
+            return broken(i, f"block {i} is not valid JSON ({exc.msg})")
         if not isinstance(block, dict) or block.get("index") != i:
-            return VerifyResult(False, len(lines), i, f"block {i} has index {block.get('index') if isinstance(block, dict) else '?'}")
+            return broken(i, f"block {i} has index {block.get('index') if isinstance(block, dict) else '?'}")
         if block.get("prev_hash") != previous:
-            return VerifyResult(False, len(lines), i, f"block {i} does not name the previous block's hash")
+            return broken(i, f"block {i} does not name the previous block's hash")
         if block_hash(block) != block.get("hash"):
-            return VerifyResult(False, len(lines), i, f"block {i}'s contents do not match its hash")
+            return broken(i, f"block {i}'s contents do not match its hash")
         previous = block["hash"]
-    return VerifyResult(True, len(lines))
+        hashes.append(previous)
+    found = len(lines)
+    if not compared or (found == expected_blocks and previous == expected_head):
+        return VerifyResult(True, found, head=previous, compared=compared)
+    counts = f"recorded {_blocks(expected_blocks)} with head {expected_head}, found {_blocks(found)} with head {previous}"
+    if found < expected_blocks:
+        gone = f"block {found}" if expected_blocks - found == 1 else f"blocks {found}..{expected_blocks - 1}"
+        return VerifyResult(False, found, found, f"{_blocks(expected_blocks - found)} dropped from the end "
+                            f"({gone} missing): {counts}", previous, compared=compared)
+    at_recorded_end = hashes[expected_blocks - 1] if expected_blocks else GENESIS
+    if found > expected_blocks and at_recorded_end == expected_head:
+        return VerifyResult(False, found, expected_blocks, f"{_blocks(found - expected_blocks)} appended after "
+                            f"the recorded head (from block {expected_blocks} on): {counts}", previous, compared=compared)
+    return VerifyResult(False, found, None, f"the chain verifies on its own but does not end in the recorded head: "
+                        f"it was rewritten consistently ({counts})", previous, compared=compared)
+
+
+def _blocks(n: int) -> str:
+    return f"{n} block{'' if n == 1 else 's'}"
