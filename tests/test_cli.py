@@ -105,3 +105,38 @@ def test_dp_bad_input_exits_2_and_stores_nothing(bench_home, monkeypatch):
         assert result.exit_code == 2, result.output
         assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert Store().counts() == {}
+
+
+@pytest.mark.usefixtures("bench_home")
+def test_a_membership_run_prints_its_familys_metrics_in_run_and_runs(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal: rich wraps table cells to the width
+    args = ["run", "--attack", "loss-threshold", "--image-size", "16", "--defense-param", "epochs=1"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "auc" in result.output and "balanced_accuracy" in result.output and "psnr" not in result.output
+    listing = invoke("runs")
+    assert "auc" in listing.output and "loss-threshold" in listing.output
+
+
+@pytest.mark.usefixtures("bench_home")
+def test_a_shadow_count_the_auxiliary_data_cannot_support_exits_2_before_training(monkeypatch):
+    from privbench.defenses.none import NoDefense
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the target was trained before the input was checked")
+
+    monkeypatch.setattr(NoDefense, "fit", no_training)
+    result = invoke("run", "--attack", "shadow", "--image-size", "16", "--attack-param", "shadows=500")
+    assert result.exit_code == 2 and "Ask for fewer shadows" in result.output
+
+
+def test_run_defaults_are_the_run_configs():
+    import inspect
+
+    from privbench.config import RunConfig
+
+    defaults = {name: p.default for name, p in inspect.signature(cli.run).parameters.items()}
+    config = RunConfig()
+    for name in ("defense", "attack", "dataset", "model", "image_size", "channels", "seed", "split_seed",
+                 "target_seed", "gradient_round", "victim_batch"):
+        assert defaults[name] == getattr(config, name), name
