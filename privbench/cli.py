@@ -115,7 +115,7 @@ def run(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
-        _print_result(result, store)
+        _print_result(result, store, model_chosen_by_defense=config.model is None)
     raise typer.Exit({"ok": 0, "failed": 1, "unsupported": 3}[result.status])
 
 
@@ -146,9 +146,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _print_result(result, store) -> None:
+def _print_result(result, store, model_chosen_by_defense: bool = False) -> None:
     cfg = result.config
-    head = f"{cfg['defense']} x {cfg['attack']} on {cfg['dataset']} ({cfg['model']}, {cfg['image_size']}px, seed {cfg['seed']}"
+    model = f"{cfg['model']}, the {cfg['defense']} defense's default" if model_chosen_by_defense else cfg["model"]
+    head = f"{cfg['defense']} x {cfg['attack']} on {cfg['dataset']} ({model}, {cfg['image_size']}px, seed {cfg['seed']}"
     head += f", target seed {cfg['target_seed']})" if cfg.get("target_seed") is not None else ")"
     console.print(f"[bold]{head}[/]  run {result.run_id}" + ("  [dim](stored result)[/]" if result.cached else ""))
     if result.status != "ok":
@@ -164,11 +165,24 @@ def _print_result(result, store) -> None:
     console.print(table)
     for name, reason in unavailable.items():
         console.print(f"[yellow]{escape(name)}: n/a ({escape(reason)})[/]", highlight=False)
+    console.print(escape(_utility_line(result)), highlight=False)
     console.print(
-        f"target accuracy on nonmembers {_fmt(metrics.get('target_accuracy'))}; "
         f"{result.grad_evals} gradient evaluations; {result.wall_time_s:.1f} s; "
         f"artifacts: {store.root / result.artifacts if result.artifacts else '-'}"
     )
+
+
+def _utility_line(result) -> str:
+    """The released model's utility, and whether the attack's result depends on it."""
+    metrics, cfg = result.metrics, result.config
+    line = f"released model: accuracy on nonmembers {_fmt(metrics.get('target_accuracy'))}"
+    if metrics.get("twin_accuracy") is not None:
+        line += f" (undefended twin {_fmt(metrics['twin_accuracy'])}, drop {_fmt(metrics.get('accuracy_drop'))})"
+    observation = result.info.get("observation", {})
+    if observation.get("surface") == "gradients" and cfg.get("gradient_round") == "init":
+        line += ("; the attack saw the update at the model's initialisation (--round init), so this accuracy is not "
+                 "part of its result (--round trained attacks the trained model)")
+    return line
 
 
 @app.command("list")

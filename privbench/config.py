@@ -59,6 +59,7 @@ class RunConfig:
     when set, takes over everything that shapes the trained target (model
     initialization, training, the defense's own secrets), so that a cell of
     seeds attacks many victims of one released model; None: ``seed`` does both.
+    ``model`` None (as requested) resolves to the defense's default architecture.
     ``gradient_round`` is the point at which a GRADIENTS observation is taken:
     ``init`` (the seed's initialization, as in the DLG paper) or ``trained``
     (after the defense's training). ``victim_batch`` is how many member images
@@ -68,7 +69,7 @@ class RunConfig:
     defense: str = "none"
     attack: str = "dlg"
     dataset: str = "synthetic-mri"
-    model: str = "lenet"
+    model: str | None = None  # None: the defense's default architecture (its ``default_model``)
     image_size: int = 32
     channels: int = 1
     seed: int = 0
@@ -279,16 +280,29 @@ def _coerce(raw: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported parameter type {tp}")
 
 
+FALLBACK_MODEL = "lenet"  # the DLG paper's network: the default of a defense that names none
+
+
+def default_model(defense_cls: type) -> str:
+    """The architecture ``defense_cls`` runs on when the user names none."""
+    return getattr(defense_cls, "default_model", None) or FALLBACK_MODEL
+
+
 def resolve(config: RunConfig) -> RunConfig:
     """Type-check and complete the component parameters of ``config`` (imports the components)."""
     from privbench import registry
 
     defense_cls = registry.defenses.get(config.defense)
     attack_cls = registry.attacks.get(config.attack)
-    model_cls = registry.models.get(config.model)
+    model = config.model or default_model(defense_cls)
+    model_cls = registry.models.get(model)
+    check = getattr(defense_cls, "check_model", None)
+    if check is not None:
+        check(model)
     return dataclasses.replace(
         config,
+        model=model,
         defense_params=coerce_params(defense_cls.Params, dict(config.defense_params), f"defense {config.defense!r}"),
         attack_params=coerce_params(attack_cls.Params, dict(config.attack_params), f"attack {config.attack!r}"),
-        model_params=coerce_params(model_cls.Params, dict(config.model_params), f"model {config.model!r}"),
+        model_params=coerce_params(model_cls.Params, dict(config.model_params), f"model {model!r}"),
     )
