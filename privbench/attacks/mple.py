@@ -232,11 +232,18 @@ class _MorphedGradientInversion(GradientInversion):
                         "least-squares deconvolution (what the observer holds: C_ac, public C_r)"}
 
 
+@dataclass(frozen=True)
+class MorphedDLGParams(GradientInversionParams):
+    # Adaptive: take the label the update gives away (iDLG's rule, one image) instead of optimising a soft label;
+    # joint soft labels for batches.
+    label: Literal["joint", "analytic", "auto"] = "auto"
+
+
 @registry.attacks.register("dlg-mple")
 class MorphedDLG(_MorphedGradientInversion):
-    """DLG on the morphed input, mapped back to an image through C_ac and the public C_r."""
+    """DLG on the morphed input (analytic label for one image), mapped back to an image through C_ac and C_r."""
 
-    Params = GradientInversionParams
+    Params = MorphedDLGParams
     description = "MpLe adaptive gradient inversion: DLG on morphed t (no image priors), then t C_ac deconvolved."
 
 
