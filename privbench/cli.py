@@ -178,6 +178,9 @@ def _utility_line(result) -> str:
     line = f"released model: accuracy on nonmembers {_fmt(metrics.get('target_accuracy'))}"
     if metrics.get("twin_accuracy") is not None:
         line += f" (undefended twin {_fmt(metrics['twin_accuracy'])}, drop {_fmt(metrics.get('accuracy_drop'))})"
+    if result.costs.get("teacher_accuracy") is not None:  # a defense that distils a teacher it keeps (gascnn)
+        line += (f"; its teacher {_fmt(result.costs['teacher_accuracy'])}, gap "
+                 f"{_fmt(result.costs.get('accuracy_gap_teacher_minus_snn'))}")
     observation = result.info.get("observation", {})
     if observation.get("surface") == "gradients" and cfg.get("gradient_round") == "init":
         line += ("; the attack saw the update at the model's initialisation (--round init), so this accuracy is not "

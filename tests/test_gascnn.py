@@ -187,3 +187,66 @@ def test_gascnn_end_to_end_through_the_runner(bench_home):
     again = run(RunConfig(**common, attack="invgrad", attack_params={"steps": 2, "restarts": 1}), Store())
     assert again.status == "ok", again.traceback
     assert again.info["target"]["cached"]
+
+
+def _tiny_convnet_teacher():
+    """convnet (width 2, hidden 8) on 1x8x8, 3 classes, as GASCNN's teacher: BatchNorm after each conv, avg pooling."""
+    teacher = snnlib.teacher_network(build_model("convnet", {"width": 2, "hidden": 8}, 1, 8, 3, seed=0)).eval()
+    for m in teacher.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return teacher
+
+
+def test_the_convnet_teacher_has_batchnorm_and_average_pooling_and_other_networks_are_refused():
+    teacher = _tiny_convnet_teacher()
+    kinds = [type(m).__name__ for m in teacher]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "AvgPool2d", "Conv2d", "BatchNorm2d", "ReLU", "AvgPool2d",
+                     "Flatten", "Linear", "ReLU", "Linear"]
+    with pytest.raises(ValueError, match="neither a ResNet nor a sequential"):
+        snnlib.teacher_network(build_model("lenet", {}, 1, 16, 4, seed=0))
+    with pytest.raises(ValueError, match="Sigmoid"):
+        snnlib.teacher_network(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(8, 2)))
+
+
+@pytest.mark.parametrize("encoding", ["direct", "poisson"])
+def test_sequential_snn_operation_counts_match_a_hand_count(encoding):
+    teacher, steps, batch = _tiny_convnet_teacher(), 3, 2
+    images = torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    snn = snnlib.SpikingSequential(teacher, snnlib.balanced_thresholds(teacher, images, 99.0), steps, encoding).eval()
+    fired: list[torch.Tensor] = []
+    for lif in snn.neurons:
+        lif.register_forward_hook(lambda mod, inp, out: fired.append(out[0].detach()))
+    record = snnlib.SpikeRecord()
+    snn.record = record
+    with torch.no_grad():
+        snn(images)
+    neurons = 2 * 8 * 8 + 4 * 4 * 4 + 8  # conv1, conv2, hidden linear
+    assert sum(record.neurons.values()) == neurons
+    ops = record.operations()
+    assert ops["membrane_updates"] == (neurons + 3) * steps
+    assert ops["reset_subtractions"] == pytest.approx(sum(float((f != 0).sum()) for f in fired) / batch)
+    assert ops["first_layer_macs"] == (2 * 8 * 8 * 9 * steps if encoding == "direct" else 0)
+    # the hidden linear layer: every spike of conv2 (pooled 2x2 into one input) reaches the 8 hidden units once
+    conv2_spikes = sum(float((f != 0).sum()) for f in fired[1::3])
+    assert record.synaptic_ops["layer2"] == pytest.approx(conv2_spikes * 8)
+    ann = snnlib.ann_operations(teacher, (1, 8, 8))
+    assert ann["macs"] == 2 * 8 * 8 * 9 + 4 * 4 * 4 * 18 + 16 * 8 + 8 * 3
+    assert ann["bias_adds"] == 2 * 8 * 8 + 4 * 4 * 4 + 8 + 3  # BatchNorm (conv biases folded into it), linear biases
+    assert ann["pooling_adds"] == 2 * 8 * 8 + 4 * 4 * 4
+
+
+def test_convnet_conversion_preserves_the_ann_predictions_at_large_t(parts):
+    torch.manual_seed(0)
+    ctx = _ctx(parts)
+    teacher = snnlib.teacher_network(build_model("convnet", {}, 1, 16, parts.members.num_classes, seed=1))
+    teacher = fit_plainly(teacher, parts.members, TrainParams(epochs=6), ctx).model
+    thresholds = snnlib.balanced_thresholds(teacher, parts.auxiliary.images[:200], 99.0)
+    evaluation = parts.nonmembers.images[:300]
+    with torch.no_grad():
+        ann = teacher(evaluation).argmax(1)
+        spiking = snnlib.SpikingSequential(teacher, thresholds, 64, "direct").eval()(evaluation).argmax(1)
+    agreement = float((ann == spiking).double().mean())
+    assert agreement > 0.9, f"ANN/SNN agreement {agreement:.3f} at T=64"
+    assert len(set(ann.tolist())) > 1

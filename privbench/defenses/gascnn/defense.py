@@ -53,13 +53,15 @@ from privbench.defenses.gascnn.snn import (
     ENERGY_CONVENTION,
     PJ_PER_MAC,
     SpikeRecord,
-    SpikingResNet,
+    SpikingNetwork,
     ann_energy_breakdown_pj,
     ann_energy_pj,
     balanced_thresholds,
+    neuron_count,
+    spiking_twin,
+    teacher_network,
 )
 from privbench.defenses.gascnn.synthesis import SynthesisParams, synthesize, train_generator
-from privbench.models.resnet import SmallResNet
 from privbench.threat import Observation, Surface, Victim
 from privbench.training import TrainParams, accuracy
 
@@ -68,27 +70,47 @@ PERCENTILE_CANDIDATES = (98.0, 99.0, 99.5, 99.9, 99.99, 100.0)
 log = logging.getLogger(__name__)
 
 
+# Settings that depend on the profile. ``quick`` (the default) gives a meaningful release in minutes on 2 cores:
+# a shorter synthesis, one threshold percentile, one spike-learning epoch, no accuracy-vs-T curve. ``reference``
+# is the paper-faithful setting the reference suite uses. Any of them can still be set explicitly.
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {"synthesis_steps": 200, "synthetic_size": 1000, "timesteps": 8, "percentile": 99.9,
+              "finetune_epochs": 1, "curve": "", "curve_images": 500},
+    "reference": {"synthesis_steps": 800, "synthetic_size": 4000, "timesteps": 16, "percentile": 0.0,
+                  "finetune_epochs": 2, "curve": "4,8,16,32,64", "curve_images": 500},
+}
+
+
 @dataclass(frozen=True)
 class GASCNNParams(TrainParams):
-    """Teacher training (TrainParams), then synthesis, conversion and spike-learning settings."""
+    """Teacher training (TrainParams), then synthesis, conversion and spike-learning settings.
 
-    synthesis_steps: int = 800
+    Fields left None take the value of ``profile`` (``PROFILES``); the resolved config stores every value.
+    """
+
+    profile: Literal["quick", "reference"] = "quick"
+    synthesis_steps: int | None = None
     generator_width: int = 32
-    synthetic_size: int = 4000
+    synthetic_size: int | None = None
     validation_fraction: float = 0.1  # part of the synthetic set used to select the threshold percentile
     encoding: Literal["direct", "poisson"] = "direct"
-    timesteps: int = 16  # T of spike learning and of the released SNN
-    percentile: float = 0.0  # threshold balancing percentile; 0: select from PERCENTILE_CANDIDATES (98..100) on the synthetic validation
-    finetune_epochs: int = 2
+    timesteps: int | None = None  # T of spike learning and of the released SNN
+    percentile: float | None = None  # threshold balancing percentile; 0: select from PERCENTILE_CANDIDATES (98..100) on the synthetic validation
+    finetune_epochs: int | None = None
     finetune_lr: float = 1e-4
     finetune_batch_size: int = 64
     distill_temperature: float = 4.0
     surrogate_slope: float = 2.0  # atan surrogate steepness
-    curve: str = "4,8,16,32,64"  # T values of the accuracy / energy curve ("" for none)
-    curve_images: int = 500  # nonmembers evaluated per curve point (0: all); the release accuracy uses all
+    curve: str | None = None  # T values of the accuracy / energy curve ("" for none)
+    curve_images: int | None = None  # nonmembers evaluated per curve point (0: all); the release accuracy uses all
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
+        for name, value in PROFILES[self.profile].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.timesteps < 1 or self.synthetic_size < 10 or not 0 < self.validation_fraction < 1:
             raise ValueError("timesteps >= 1, synthetic_size >= 10 and 0 < validation_fraction < 1 are required")
         if self.percentile and not 50 <= self.percentile <= 100:
@@ -164,7 +186,7 @@ def save_synthetic_grid(images: torch.Tensor, labels: torch.Tensor, classes: int
 
 
 @torch.no_grad()
-def snn_accuracy(snn: SpikingResNet, images: torch.Tensor, labels: torch.Tensor, timesteps: int,
+def snn_accuracy(snn: SpikingNetwork, images: torch.Tensor, labels: torch.Tensor, timesteps: int,
                  encoding: str, record: SpikeRecord | None = None, batch: int = 256) -> float:
     """Top-1 accuracy of the SNN at ``timesteps`` and ``encoding`` (the network's own settings restored)."""
     saved = snn.encoding, snn.record
@@ -180,7 +202,7 @@ def snn_accuracy(snn: SpikingResNet, images: torch.Tensor, labels: torch.Tensor,
     return correct / max(len(images), 1)
 
 
-def spike_learning(snn: SpikingResNet, teacher: nn.Module, images: torch.Tensor, p: GASCNNParams,
+def spike_learning(snn: SpikingNetwork, teacher: nn.Module, images: torch.Tensor, p: GASCNNParams,
                    seed: int, progress=None) -> dict:
     """Fine-tune ``snn`` in place through T steps (surrogate gradients) to match the teacher's softened outputs."""
     teacher = teacher.eval()
@@ -221,6 +243,8 @@ class GASCNN(Defense):
         "client's spike-learning update of the SNN on its real batch."
     )
     protects = frozenset({Surface.GRADIENTS, Surface.MODEL_WHITEBOX, Surface.MODEL_QUERIES})
+    models = ("resnet", "convnet")
+    default_model = "resnet"
     differentiable = True  # through the surrogate spike gradient and the straight-through encoder
     stochastic = True  # with encoding=poisson
 
@@ -235,16 +259,18 @@ class GASCNN(Defense):
 
     # -- architecture ----------------------------------------------------------
     def released_architecture(self, model: nn.Module) -> nn.Module:
-        ann = self._check_model(model)
-        n = 1 + 2 * len(ann.blocks)
-        return SpikingResNet(ann, [1.0] * n, self.params.timesteps, self.params.encoding, self.params.surrogate_slope)
+        teacher = self._check_model(model)
+        return spiking_twin(teacher, [1.0] * neuron_count(teacher), self.params.timesteps, self.params.encoding,
+                            self.params.surrogate_slope)
 
     @staticmethod
-    def _check_model(model: nn.Module) -> SmallResNet:
-        if not isinstance(model, SmallResNet):
-            raise ConfigError(f"gascnn converts the resnet model only (ReLU, BatchNorm, average pooling); got "
-                              f"{type(model).__name__}. Use --model resnet.")
-        return model
+    def _check_model(model: nn.Module) -> nn.Module:
+        """The teacher network for ``model`` (see ``teacher_network``); ConfigError saying why if it cannot spike."""
+        try:
+            return teacher_network(model)
+        except ValueError as exc:
+            raise ConfigError(f"gascnn cannot convert this model to a spiking network: {exc}. Use --model resnet "
+                              f"or --model convnet.") from exc
 
     def utility_twin(self) -> Defense:
         from privbench.defenses.none import NoDefense, NoDefenseParams
@@ -263,7 +289,7 @@ class GASCNN(Defense):
                 "initial_weights": state_digest(model.state_dict()),
                 "teacher": dataclasses.asdict(self.params.teacher())}
 
-    def train_teacher(self, model: nn.Module, members, ctx: FitContext) -> tuple[SmallResNet, dict, dict]:
+    def train_teacher(self, model: nn.Module, members, ctx: FitContext) -> tuple[nn.Module, dict, dict]:
         """Stage 1, the only stage that reads the members: (teacher, its training record, stage key)."""
         key = self._base_key(model, members, ctx)
 
@@ -282,13 +308,13 @@ class GASCNN(Defense):
         stage_times = {"teacher_s": time.perf_counter() - t0}
         return self.fit_from_teacher(teacher, teacher_record, key, ctx, stage_times)
 
-    def fit_from_teacher(self, teacher: SmallResNet, teacher_record: dict, key: dict, ctx: FitContext,
+    def fit_from_teacher(self, teacher: nn.Module, teacher_record: dict, key: dict, ctx: FitContext,
                          stage_times: dict) -> Target:
         """Stages 2-4 and the measurements; they read the teacher, synthetic data and nonmembers (utility) only."""
         p: GASCNNParams = self.params
         c = ctx.config
         seed = ctx.seeds["train"]
-        classes = teacher.fc.out_features
+        classes = ctx.nonmembers.num_classes
         progress = (lambda stage: (lambda d, t: ctx.progress(stage, d, t))) if ctx.progress else (lambda stage: None)
 
         synthesis = SynthesisParams(steps=p.synthesis_steps, width=p.generator_width, synthetic_size=p.synthetic_size)
@@ -314,11 +340,11 @@ class GASCNN(Defense):
         candidates = (p.percentile,) if p.percentile else PERCENTILE_CANDIDATES
         selection = {}
         for percentile in candidates:
-            snn = SpikingResNet(teacher, balanced_thresholds(teacher, train_x, percentile), p.timesteps,
+            snn = spiking_twin(teacher, balanced_thresholds(teacher, train_x, percentile), p.timesteps,
                                 p.encoding, p.surrogate_slope, seed=encoder_seed)
             selection[percentile] = snn_accuracy(snn, val_x, val_y, p.timesteps, p.encoding)
         chosen = max(selection, key=lambda q: (selection[q], -abs(q - 99.9)))
-        converted = SpikingResNet(teacher, balanced_thresholds(teacher, train_x, chosen), p.timesteps, p.encoding,
+        converted = spiking_twin(teacher, balanced_thresholds(teacher, train_x, chosen), p.timesteps, p.encoding,
                                   p.surrogate_slope, seed=encoder_seed)
         stage_times["conversion_s"] = time.perf_counter() - t0
 

@@ -33,7 +33,8 @@ ENERGY_CONVENTION = (
     "residual adds (1 AC per element of each block's sum per step, dense) at the AC cost; + first-layer MACs "
     "(stem conv x T) under direct encoding at the MAC cost. ANN: conv/fc MACs at the MAC cost + bias adds "
     "(folded BatchNorm and fc bias, 1 per output element) + residual adds (1 per element of each block's sum) + "
-    "average-pooling adds (1 per pooled element) at the AC cost. Not counted on either side: threshold "
+    "average-pooling adds (1 per pooled element) at the AC cost. Sequential networks (convnet): a pooled spike "
+    "input carries the events of its window, each fanning out once. Not counted on either side: threshold "
     "comparisons / ReLU, the final division (by T, by the pooled area), the Poisson encoder's draws, memory "
     "access and data movement."
 )
@@ -115,7 +116,12 @@ class SpikeRecord:
 def fan_out_ops(layer: nn.Module, spikes: torch.Tensor) -> float:
     """Exact synaptic operations of ``layer`` driven by binary events ``spikes`` (any amplitude):
     each nonzero input element adds into every output it is connected to."""
-    events = (spikes != 0).to(torch.float32)
+    return weighted_fan_out(layer, (spikes != 0).to(torch.float32))
+
+
+def weighted_fan_out(layer: nn.Module, events: torch.Tensor) -> float:
+    """Synaptic operations of ``layer`` when input position i carries ``events[i]`` events (e.g. the spikes an
+    average-pooling window gathered into one input of ``layer``): each event adds into every connected output."""
     if isinstance(layer, nn.Conv2d):
         ones = torch.ones(layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
         return float(F.conv2d(events, ones, stride=layer.stride, padding=layer.padding, groups=layer.groups).sum())
@@ -145,7 +151,42 @@ class SpikingBlock(nn.Module):
         self.lif_a, self.lif_b = _neuron(lam_a, slope), _neuron(lam_b, slope)
 
 
-class SpikingResNet(nn.Module):
+class SpikingNetwork(nn.Module):
+    """What every spiking twin shares: the input encoder, integrate-and-fire with operation counting."""
+
+    timesteps: int
+    encoding: Encoding
+    initial_membrane: float
+    generator: torch.Generator
+    record: "SpikeRecord | None"
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.encoding == "direct":
+            return images
+        draws = torch.rand(images.shape, generator=self.generator, dtype=images.dtype)
+        spikes = (draws < images.clamp(0, 1)).to(images.dtype)
+        return spikes + images - images.detach()  # straight-through: forward spikes, backward d/dx = 1
+
+    def _count(self, name: str, layer: nn.Module, inputs: torch.Tensor, analog: bool = False) -> None:
+        if self.record is None:
+            return
+        if analog:
+            self.record.add(self.record.analog_macs, name, macs(layer, tuple(inputs.shape[1:])) * len(inputs))
+        else:
+            self.record.add(self.record.synaptic_ops, name, fan_out_ops(layer, inputs.detach()))
+
+    def _fire(self, name: str, lif: nn.Module, current: torch.Tensor, mem: dict) -> torch.Tensor:
+        if name not in mem:
+            mem[name] = torch.full_like(current, float(lif.threshold) * self.initial_membrane)
+        spikes, mem[name] = lif(current, mem[name])
+        if self.record is not None:
+            self.record.add(self.record.spikes, name, (spikes.detach() != 0).sum())
+            self.record.add(self.record.membrane_updates, name, current.numel())
+            self.record.neurons[name] = int(current[0].numel())
+        return spikes
+
+
+class SpikingResNet(SpikingNetwork):
     """Spiking twin of ``SmallResNet``: input [B, C, S, S] in [0, 1] -> logits [B, K] after T steps.
 
     ``encoding``: ``poisson`` (each step a Bernoulli spike per pixel with probability = intensity;
@@ -178,31 +219,6 @@ class SpikingResNet(nn.Module):
             out += [float(b.lif_a.threshold), float(b.lif_b.threshold)]
         return out
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        if self.encoding == "direct":
-            return images
-        draws = torch.rand(images.shape, generator=self.generator, dtype=images.dtype)
-        spikes = (draws < images.clamp(0, 1)).to(images.dtype)
-        return spikes + images - images.detach()  # straight-through: forward spikes, backward d/dx = 1
-
-    def _count(self, name: str, layer: nn.Module, inputs: torch.Tensor, analog: bool = False) -> None:
-        if self.record is None:
-            return
-        if analog:
-            self.record.add(self.record.analog_macs, name, macs(layer, tuple(inputs.shape[1:])) * len(inputs))
-        else:
-            self.record.add(self.record.synaptic_ops, name, fan_out_ops(layer, inputs.detach()))
-
-    def _fire(self, name: str, lif: nn.Module, current: torch.Tensor, mem: dict) -> torch.Tensor:
-        if name not in mem:
-            mem[name] = torch.full_like(current, float(lif.threshold) * self.initial_membrane)
-        spikes, mem[name] = lif(current, mem[name])
-        if self.record is not None:
-            self.record.add(self.record.spikes, name, (spikes.detach() != 0).sum())
-            self.record.add(self.record.membrane_updates, name, current.numel())
-            self.record.neurons[name] = int(current[0].numel())
-        return spikes
-
     def forward(self, images: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
         steps = timesteps or self.timesteps
         mem: dict[str, torch.Tensor] = {}
@@ -233,6 +249,131 @@ class SpikingResNet(nn.Module):
         return total / steps
 
 
+class SpikingSequential(SpikingNetwork):
+    """Spiking twin of a sequential ReLU network (``teacher_network`` of e.g. convnet): input [B, C, S, S] in
+    [0, 1] -> logits [B, K] after T steps.
+
+    Conv2d / Linear (BatchNorm folded) feed integrate-and-fire neurons where the ANN has a ReLU; average
+    pooling and flattening act on the spikes (a pooled input carries the events of its window, counted as
+    such); the last layer integrates without spiking (logits = accumulated potential / T).
+    """
+
+    def __init__(self, ann: nn.Sequential, thresholds: list[float], timesteps: int, encoding: Encoding,
+                 surrogate_slope: float = 2.0, seed: int = 0, initial_membrane: float = 0.5):
+        super().__init__()
+        self.initial_membrane = initial_membrane
+        modules = list(copy.deepcopy(ann).eval())
+        self.layers, self.neurons, self.pools = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.plan: list[tuple[str, int]] = []
+        i = 0
+        while i < len(modules):
+            module = modules[i]
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                if i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d):
+                    module, i = fold_bn(module, modules[i + 1]), i + 1
+                self.layers.append(module)
+                self.plan.append(("weight", len(self.layers) - 1))
+            elif isinstance(module, nn.ReLU):
+                self.neurons.append(_neuron(thresholds[len(self.neurons)], surrogate_slope))
+                self.plan.append(("fire", len(self.neurons) - 1))
+            elif isinstance(module, nn.AvgPool2d):
+                self.pools.append(module)
+                self.plan.append(("pool", len(self.pools) - 1))
+            elif isinstance(module, nn.Flatten):
+                self.plan.append(("flatten", 0))
+            else:
+                raise ValueError(f"no spiking equivalent for {type(module).__name__} (convert Conv2d, Linear, "
+                                 f"BatchNorm2d, ReLU, AvgPool2d and Flatten)")
+            i += 1
+        if not self.plan or self.plan[-1][0] != "weight":
+            raise ValueError("the network must end with a Conv2d or Linear layer (the output integrators)")
+        self.timesteps, self.encoding = timesteps, encoding
+        self.generator = torch.Generator().manual_seed(seed)
+        self.record = None
+
+    def thresholds(self) -> list[float]:
+        return [float(n.threshold) for n in self.neurons]
+
+    def forward(self, images: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
+        steps = timesteps or self.timesteps
+        mem: dict[str, torch.Tensor] = {}
+        total = 0.0
+        if self.record is not None:
+            self.record.images += len(images)
+            self.record.steps = steps
+        last = len(self.plan) - 1
+        for _ in range(steps):
+            x = self.encode(images)
+            events = None if self.encoding == "direct" else (x.detach() != 0).float()  # None: analog input
+            current = x
+            for position, (kind, index) in enumerate(self.plan):
+                if kind == "weight":
+                    layer = self.layers[index]
+                    if self.record is not None:
+                        if events is None:
+                            self.record.add(self.record.analog_macs, f"layer{index}",
+                                            macs(layer, tuple(x.shape[1:])) * len(x))
+                        else:
+                            self.record.add(self.record.synaptic_ops, f"layer{index}", weighted_fan_out(layer, events))
+                    current = layer(x)
+                    if position == last:
+                        if self.record is not None:  # the output integrators: one add per class per step
+                            self.record.add(self.record.membrane_updates, "output", current.numel())
+                        total = total + current
+                elif kind == "fire":
+                    x = self._fire(f"neuron{index}", self.neurons[index], current, mem)
+                    events = (x.detach() != 0).float()
+                elif kind == "pool":
+                    pool = self.pools[index]
+                    x = pool(x)
+                    area = pool.kernel_size * pool.kernel_size if isinstance(pool.kernel_size, int) else \
+                        pool.kernel_size[0] * pool.kernel_size[1]
+                    events = None if events is None else pool(events) * area
+                else:
+                    x = x.flatten(1)
+                    events = None if events is None else events.flatten(1)
+        return total / steps
+
+
+def teacher_network(model: nn.Module) -> nn.Module:
+    """The ANN GASCNN trains as its teacher for ``model``: a ``SmallResNet`` as it is; a sequential ReLU network
+    with BatchNorm after every convolution (feature-map statistics for synthesis; folded at conversion) and
+    average pooling in place of max pooling (which has no exact spiking equivalent). Initial weights are
+    ``model``'s. Raises ValueError for other networks (sigmoid or unpooled ones, say) with the reason."""
+    if isinstance(model, SmallResNet):
+        return model
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"{type(model).__name__} is neither a ResNet nor a sequential network")
+    modules = list(model)
+    out: list[nn.Module] = []
+    for i, module in enumerate(modules):
+        if isinstance(module, nn.MaxPool2d):
+            out.append(nn.AvgPool2d(module.kernel_size, module.stride, module.padding))
+            continue
+        if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU, nn.AvgPool2d, nn.Flatten)):
+            raise ValueError(f"its layer {i} is a {type(module).__name__}: spiking conversion needs ReLU activations "
+                             f"and pooling by averaging (Conv2d, Linear, BatchNorm2d, ReLU, Max/AvgPool2d, Flatten)")
+        out.append(module)
+        followed_by_bn = i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d)
+        if isinstance(module, nn.Conv2d) and not followed_by_bn:
+            out.append(nn.BatchNorm2d(module.out_channels))
+    return nn.Sequential(*out)
+
+
+def spiking_twin(teacher: nn.Module, thresholds: list[float], timesteps: int, encoding: Encoding,
+                 surrogate_slope: float = 2.0, seed: int = 0) -> SpikingNetwork:
+    """The spiking network converted from ``teacher`` (a ``teacher_network``) with these thresholds."""
+    cls = SpikingResNet if isinstance(teacher, SmallResNet) else SpikingSequential
+    return cls(teacher, thresholds, timesteps, encoding, surrogate_slope, seed=seed)
+
+
+def neuron_count(teacher: nn.Module) -> int:
+    """Integrate-and-fire layers of the spiking twin of ``teacher`` (one threshold each)."""
+    if isinstance(teacher, SmallResNet):
+        return 1 + 2 * len(teacher.blocks)
+    return sum(isinstance(m, nn.ReLU) for m in teacher)
+
+
 def ann_activation_layers(ann: SmallResNet) -> list[str]:
     """Names of the ReLU outputs the thresholds balance, in SNN order."""
     names = ["stem"]
@@ -257,10 +398,27 @@ def ann_activations(ann: SmallResNet, images: torch.Tensor, batch: int = 256) ->
     return [torch.cat(chunks) for chunks in per_layer]
 
 
-def balanced_thresholds(ann: SmallResNet, images: torch.Tensor, percentile: float) -> list[float]:
+@torch.no_grad()
+def relu_outputs(ann: nn.Sequential, images: torch.Tensor, batch: int = 256) -> list[torch.Tensor]:
+    """Every ReLU output of a sequential ANN on ``images`` (flattened per layer), in order."""
+    relus = [m for m in ann if isinstance(m, nn.ReLU)]
+    per_layer: list[list[torch.Tensor]] = [[] for _ in relus]
+    hooks = [m.register_forward_hook(lambda mod, inp, out, k=k: per_layer[k].append(out.flatten()))
+             for k, m in enumerate(relus)]
+    try:
+        ann.eval()
+        for begin in range(0, len(images), batch):
+            ann(images[begin : begin + batch])
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(chunks) for chunks in per_layer]
+
+
+def balanced_thresholds(ann: nn.Module, images: torch.Tensor, percentile: float) -> list[float]:
     """Per layer, the ``percentile`` of its positive activations on ``images`` (robust normalisation)."""
     out = []
-    for acts in ann_activations(ann, images):
+    for acts in (ann_activations(ann, images) if isinstance(ann, SmallResNet) else relu_outputs(ann, images)):
         positive = acts[acts > 0]
         if len(positive) == 0:
             out.append(1.0)
@@ -270,23 +428,28 @@ def balanced_thresholds(ann: SmallResNet, images: torch.Tensor, percentile: floa
     return out
 
 
-def ann_operations(ann: SmallResNet, input_shape: tuple[int, int, int]) -> dict[str, int]:
+def ann_operations(ann: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
     """Operations of one ANN inference, by kind (see ``ENERGY_CONVENTION``): conv/linear MACs; bias adds
     (each BatchNorm output, folded into its conv, and each biased linear output); residual adds (each
     element of a block's sum); average-pooling adds (each element of the pooled feature map)."""
     counts = {"macs": 0, "bias_adds": 0, "residual_adds": 0, "pooling_adds": 0}
+    members = list(ann) if isinstance(ann, nn.Sequential) else []
+    before_bn = {id(m) for m, nxt in zip(members, members[1:], strict=False) if isinstance(nxt, nn.BatchNorm2d)}
 
     def hook(module, inputs, output):
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             counts["macs"] += macs(module, tuple(inputs[0].shape[1:]))
-        if isinstance(module, nn.BatchNorm2d) or (isinstance(module, nn.Linear) and module.bias is not None):
+        biased = isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None and id(module) not in before_bn
+        if isinstance(module, nn.BatchNorm2d) or biased:  # a conv's bias folds into the BatchNorm after it
             counts["bias_adds"] += output[0].numel()
         if isinstance(module, BasicBlock):  # the last block's output is the map average pooling sums
             counts["residual_adds"] += output[0].numel()
             counts["pooling_adds"] = output[0].numel()
+        if isinstance(module, nn.AvgPool2d):  # one add per element pooled
+            counts["pooling_adds"] += inputs[0][0].numel()
 
     hooks = [m.register_forward_hook(hook) for m in ann.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, BasicBlock))]
+             if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, BasicBlock, nn.AvgPool2d))]
     was_training = ann.training
     try:
         with torch.no_grad():
@@ -303,7 +466,7 @@ def ann_energy_breakdown_pj(counts: dict[str, int]) -> dict[str, float]:
     return {kind: n * (PJ_PER_MAC if kind == "macs" else PJ_PER_AC) for kind, n in counts.items()}
 
 
-def ann_energy_pj(ann: SmallResNet, input_shape: tuple[int, int, int]) -> tuple[float, dict[str, int]]:
+def ann_energy_pj(ann: nn.Module, input_shape: tuple[int, int, int]) -> tuple[float, dict[str, int]]:
     """Energy (pJ) of one ANN inference, every counted operation, and the operation counts by kind."""
     counts = ann_operations(ann, input_shape)
     return sum(ann_energy_breakdown_pj(counts).values()), counts
