@@ -223,6 +223,8 @@ class GASCNN(Defense):
     protects = frozenset({Surface.GRADIENTS, Surface.MODEL_WHITEBOX, Surface.MODEL_QUERIES})
     differentiable = True  # through the surrogate spike gradient and the straight-through encoder
     stochastic = True  # with encoding=poisson
+    models = ("resnet", "convnet")
+    default_model = "resnet"
 
     def __init__(self, params: GASCNNParams):
         if importlib_missing("snntorch"):
