@@ -296,9 +296,11 @@ def resolve(config: RunConfig) -> RunConfig:
     attack_cls = registry.attacks.get(config.attack)
     model = config.model or default_model(defense_cls)
     model_cls = registry.models.get(model)
-    check = getattr(defense_cls, "check_model", None)
-    if check is not None:
-        check(model)
+    if isinstance(defense_cls, type):
+        from privbench.defenses.base import Defense, check_model
+
+        if issubclass(defense_cls, Defense):
+            check_model(defense_cls, model)
     return dataclasses.replace(
         config,
         model=model,

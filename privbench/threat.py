@@ -85,7 +85,10 @@ class GradientUpdate:
     and this is the first layer the observer holds (None: the model takes images [C, H, W]).
     ``encrypted``: the observer holds only ciphertexts of the update (HE aggregator): ``gradients``
     is empty. ``local_steps``: SGD steps behind the update; with more than one it is
-    (w_t - w_t+1) / lr after several steps, not a gradient.
+    (w_t - w_t+1) / lr after several steps, not a gradient. ``buffers``: the BatchNorm buffer values
+    the update shares, in ``model.buffers()`` order, when the protocol shares them (HE's FedAvg: the
+    running statistics after the local steps, which reveal the batch's per-channel mean and variance);
+    empty otherwise.
     """
 
     model: "nn.Module"
@@ -99,6 +102,7 @@ class GradientUpdate:
     morphed: MorphedLayer | None = None
     encrypted: bool = False
     local_steps: int = 1
+    buffers: tuple["torch.Tensor", ...] = ()
 
 
 @dataclass(frozen=True)

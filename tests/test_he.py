@@ -4,6 +4,7 @@ Fast tests on synthetic-mri at 16x16; Paillier uses short keys (the default 2048
 benchmarks/perf/he_aggregation.py).
 """
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -31,6 +32,7 @@ from privbench.defenses.he.protocol import (  # noqa: E402
     AGGREGATOR,
     Protocol,
     derive_update,
+    flat_buffers,
     flat_params,
     hospital,
     split_clients,
@@ -271,6 +273,70 @@ def test_observers_get_what_their_view_holds(parts, fitted):
         outsider.observe(Surface.GRADIENTS, target, victim, ctx)
     whitebox = outsider.observe(Surface.MODEL_WHITEBOX, target, None, ctx).model
     torch.testing.assert_close(whitebox(parts.nonmembers.images[:4]), target.model(parts.nonmembers.images[:4]))
+
+
+# -- BatchNorm buffers ----------------------------------------------------------------------------
+
+
+def _buffers_after_local_step(model, batch):
+    """A hospital's running statistics after one train-mode step on ``batch`` (float64 [R])."""
+    local = copy.deepcopy(model).train()
+    local(batch[0])
+    return flat_buffers(local).astype(np.float64)
+
+
+@pytest.mark.parametrize("scheme", ["plaintext", "ckks"])
+def test_batchnorm_buffers_aggregate_to_the_size_weighted_mean_of_the_clients(parts, ckks, scheme):
+    keys = ckks if scheme == "ckks" else schemes.PlainKeys()
+    model = build_model("resnet", {}, 1, SIZE, 4, seed=0)
+    sizes = [3, 1, 2]
+    batches = _batches(parts, sizes)
+    clients = [_buffers_after_local_step(model, b[0]) for b in batches]
+    expected = sum(n / 6 * c for n, c in zip(sizes, clients, strict=True))
+    assert np.abs(clients[0] - clients[1]).max() > 1e-3  # the hospitals' statistics differ
+    protocol = Protocol(keys, model, 3, 0.1, 1)
+    protocol.round(0, batches, sizes)
+    np.testing.assert_allclose(flat_buffers(model), expected, atol=1e-6)
+    counts = [int(b) for b in model.buffers() if not b.is_floating_point()]
+    assert counts and set(counts) == {1}  # num_batches_tracked: the hospitals' maximum (0 + one local step)
+
+    derived = derive_update(protocol.log, hospital(0), 0, 0.1, scheme, n_params=sum(p.numel() for p in model.parameters()))
+    np.testing.assert_allclose(derived.buffers, (1 * clients[1] + 2 * clients[2]) / 3, atol=1e-6)  # the others'
+
+
+def test_he_on_resnet_releases_aggregated_statistics_and_shares_them_in_the_observation(parts):
+    members = parts.members.subset(list(range(96)))
+    cfg = RunConfig(defense="he", model="resnet", image_size=SIZE)
+    seeds = cfg.derived_seeds()
+
+    def fresh():
+        return build_model("resnet", {}, 1, SIZE, parts.members.num_classes, seeds["init"])
+
+    ctx = FitContext(cfg, fresh, parts.nonmembers, seeds, members=members)
+    defense = HomomorphicFedAvg(HEParams(rounds=2, clients=3, scheme="plaintext", observer="hospital"))
+    target = defense.fit(fresh(), members, ctx)
+    assert "size-weighted mean" in target.training["buffers"]
+    released = dict(target.model.named_buffers())
+    assert any(name.endswith("running_mean") and value.abs().max() > 0 for name, value in released.items())
+    assert all(int(v) == 2 for k, v in released.items() if k.endswith("num_batches_tracked"))  # 2 rounds x 1 step
+
+    victim = Victim(members.images[:4], members.labels[:4], members.ids[:4])
+    obs = defense.observe(Surface.GRADIENTS, target, victim, ctx)
+    update = obs.gradient_update
+    assert "per-channel mean and variance" in obs.notes["buffers"]
+    # the handed model carries the global statistics of the round's start (round=init), never the victims'
+    for name, value in update.model.named_buffers():
+        assert torch.equal(value, target.initial_state[name]), name
+    # the shared buffers: the size-weighted mean of the attacked hospitals' statistics on their victim images
+    assert len(update.buffers) == len(list(update.model.buffers()))
+    halves = [victim.images[:2], victim.images[2:]]  # hospitals 1 and 2 get two victim images each
+    expected = np.mean([_buffers_after_local_step(update.model, (h,)) for h in halves], axis=0)
+    shared = torch.cat([b.reshape(-1) for b in update.buffers if b.is_floating_point()]).double().numpy()
+    np.testing.assert_allclose(shared, expected, atol=1e-5)
+
+    encrypted = HomomorphicFedAvg(dataclasses.replace(defense.params, scheme="ckks", observer="aggregator"))
+    obs = encrypted.observe(Surface.GRADIENTS, target, victim, ctx)
+    assert obs.gradient_update.buffers == () and "ciphertexts only" in obs.notes["buffers"]
 
 
 def test_multi_step_updates_are_refused_by_the_gradient_attack(parts):

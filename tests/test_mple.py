@@ -14,8 +14,21 @@ from privbench.config import ConfigError, RunConfig
 from privbench.datasets import load
 from privbench.datasets import splits as splitlib
 from privbench.defenses.base import FitContext
-from privbench.defenses.mple import MorphedService, MpLe, MpLeParams, permute_leading_channels, split_first_conv
+from privbench.defenses.mple import (
+    FeaturesIn,
+    MorphedService,
+    MpLe,
+    MpLeParams,
+    find_first_conv,
+    first_conv,
+    fold_permutation,
+    permute_leading_channels,
+    released_model,
+    service_body,
+    split_first_conv,
+)
 from privbench.models import build_model
+from privbench.morphing import AugmentedConv
 from privbench.runner import run
 from privbench.store import Store
 from privbench.threat import Surface, Victim
@@ -68,13 +81,13 @@ def test_secret_matrices_are_well_conditioned_over_seeds():
         morphing.secret_matrix(60, "gaussian", 0, max_condition=1.5)
 
 
-def _ctx(parts, **defense_params):
-    cfg = RunConfig(defense="mple", attack="mple-view", image_size=SIZE, model="convnet",
+def _ctx(parts, model="convnet", **defense_params):
+    cfg = RunConfig(defense="mple", attack="mple-view", image_size=SIZE, model=model,
                     defense_params={"epochs": 1, **defense_params})
     seeds = cfg.derived_seeds()
 
     def fresh():
-        return build_model("convnet", {}, 1, SIZE, parts.members.num_classes, seeds["init"])
+        return build_model(model, {}, 1, SIZE, parts.members.num_classes, seeds["init"])
 
     return FitContext(config=cfg, build_model=fresh, nonmembers=parts.nonmembers, seeds=seeds)
 
@@ -115,8 +128,8 @@ def test_wrong_image_size_and_memory_limit_and_model_give_clear_errors(parts):
         defense.morph(torch.rand(2, 1, 32, 32), secrets)
     with pytest.raises(ConfigError, match=r"C_ac for 1x16x16 input.*MB in float32"):
         MpLe(MpLeParams(max_memory_gb=0.001)).secrets(conv, (1, SIZE, SIZE), 0)
-    with pytest.raises(ConfigError, match="first layer is a Conv2d"):
-        split_first_conv(build_model("resnet", {}, 1, SIZE, 4, seed=0))
+    with pytest.raises(ConfigError, match=r"first convolution 'body.0' cannot carry the morphing.*stride-1"):
+        first_conv(build_model("lenet", {}, 1, SIZE, 4, seed=0), (1, SIZE, SIZE))
 
 
 def _run(attack, attack_params=None, **defense_params):
@@ -152,3 +165,102 @@ def test_gradient_attack_on_mple_reads_the_morphed_reconstruction_as_an_image(be
     assert result.status == "ok", result.traceback
     assert "read_as_image" in result.info["attack"]
     assert result.info["observation"]["observer"].startswith("outside eavesdropper")
+
+
+# -- any model whose first operation on the image is a convolution (the ResNet stem) -----------------
+
+
+def _randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
+    """Running statistics and affine parameters away from their init, so that eval-mode BatchNorm matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.copy_(torch.randn(module.num_features, generator=gen) * 0.3)
+                module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+                module.weight.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(module.num_features, generator=gen) * 0.1)
+
+
+@torch.no_grad()
+def test_on_resnet_the_released_model_computes_what_the_service_computes_on_morphed_data():
+    model = build_model("resnet", {}, 1, SIZE, 4, seed=3).double()
+    _randomise_batchnorm(model, 3)
+    where, conv = first_conv(model, (1, SIZE, SIZE))
+    assert where.path == "stem.0" and not where.sequential and conv.bias is None
+    defense = MpLe(MpLeParams())
+    secrets = defense.secrets(conv, (1, SIZE, SIZE), seed=3)
+    layer = morphing.augmented_layer(secrets.matrix, conv.weight.detach(), secrets.permutation, secrets.geometry)
+    first = AugmentedConv(layer, torch.zeros(conv.out_channels, dtype=torch.float64), secrets.geometry.feature_shape)
+    body = service_body(model, where)
+    assert isinstance(body.get_submodule("stem.0"), FeaturesIn)
+    service = MorphedService(first, body).eval()
+    released = released_model(body, where, fold_permutation(conv, secrets.permutation)).eval()
+    assert released.state_dict().keys() == model.state_dict().keys()  # the plain architecture, loadable as such
+    images = torch.rand(5, 1, SIZE, SIZE, dtype=torch.float64)
+    morphed = morphing.pad_flat(images, secrets.geometry) @ secrets.matrix
+    expected = released(images)
+    assert float((service(morphed) - expected).norm() / expected.norm()) < 1e-8
+    # the stem's features are the plain convolution's with the secret channel order
+    torch.testing.assert_close(first(morphed), conv(images)[:, secrets.permutation])
+
+
+def test_the_first_convolution_must_be_the_only_reader_of_the_image():
+    class Scaled(torch.nn.Module):  # an operation before the convolution
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(2 * x).mean((1, 2, 3))
+
+    class TwoReaders(torch.nn.Module):  # the image also feeds another layer
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.pool = torch.nn.AvgPool2d(2)
+
+        def forward(self, x):
+            return self.conv(x).mean((1, 2, 3)) + self.pool(x).mean((1, 2, 3))
+
+    with pytest.raises(ConfigError, match="on a tensor computed from the image"):
+        find_first_conv(Scaled(), (1, 8, 8))
+    with pytest.raises(ConfigError, match="also reaches pool"):
+        find_first_conv(TwoReaders(), (1, 8, 8))
+    with pytest.raises(ConfigError, match="applies Flatten .0. first"):
+        find_first_conv(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2)), (1, 8, 8))
+
+
+def test_mple_on_resnet_trains_and_its_gradient_observation_carries_the_morphed_stem(parts):
+    defense = MpLe(MpLeParams(epochs=1))
+    ctx = _ctx(parts, model="resnet")
+    members = parts.members.subset(list(range(128)))
+    target = defense.fit(ctx.build_model(), members, ctx)
+    record = target.training
+    assert record["first_conv"] == "stem.0" and record["permutation_compensated"] is False
+    assert "equally random start" in record["service_init"]
+    assert record["released_vs_service_max_logit_diff"] < 1e-3
+    assert target.costs["cr_parameters"] == 16 * 9  # the stem's 16 3x3 filters, no bias
+
+    victim = Victim(members.images[:2], members.labels[:2], members.ids[:2])
+    update = defense.observe(Surface.GRADIENTS, target, victim, ctx).gradient_update
+    layer = update.morphed
+    d = 18 * 18
+    assert update.input_shape == (1, 1, d) and layer.feature_shape == (16, SIZE, SIZE) and layer.padding == 1
+    assert layer.dense.shape == (d, 16 * SIZE * SIZE) and torch.equal(layer.bias, torch.zeros(16))
+    assert isinstance(update.model.first, AugmentedConv) and torch.equal(update.model.first.dense, layer.dense)
+    params = [p for p in update.model.parameters() if p.requires_grad]
+    assert [g.shape for g in update.gradients] == [p.shape for p in params]
+    # what the observer's layer computes from a morphed vector is the released stem's output on the image
+    secrets = defense.secrets(defense._first_layer(ctx), (1, SIZE, SIZE), ctx.seeds["secrets"])
+    morphed = defense.morph(victim.images, secrets)
+    features = (morphed @ layer.dense + layer.bias.repeat_interleave(SIZE * SIZE)).reshape(2, 16, SIZE, SIZE)
+    released_init = ctx.build_model()
+    released_init.load_state_dict(target.initial_state)
+    torch.testing.assert_close(features, released_init.stem[0](victim.images), atol=1e-4, rtol=1e-4)
+
+    shared = defense.observe(Surface.SHARED_DATA, target, victim, ctx).shared  # at round=init, as the update
+    assert isinstance(shared.model.get_submodule("stem.0"), FeaturesIn)  # the network after the first layer
+    with torch.no_grad():
+        torch.testing.assert_close(shared.model(released_init.stem[0](victim.images)),
+                                   released_init.eval()(victim.images))

@@ -33,10 +33,12 @@ CASES = {
     "dp": ("lenet", {"epochs": 1, "epsilon": 8.0}),
     "mple": ("convnet", {"epochs": 1}),
     "mple-secret-cr": ("convnet", {"epochs": 1, "cr_secret": True}),
+    "mple-resnet": ("resnet", {"epochs": 1}),  # the morphed stem: not a sequential model
     "gascnn": ("resnet", {"epochs": 1, "synthesis_steps": 3, "synthetic_size": 40, "timesteps": 4,
                           "finetune_epochs": 1, "curve": "", "percentile": 99.9}),
     "he-aggregator": ("lenet", {"rounds": 2, "clients": 2, "observer": "aggregator", "scheme": "plain"}),
     "he-hospital": ("lenet", {"rounds": 2, "clients": 3, "observer": "hospital", "scheme": "plain"}),
+    "he-resnet": ("resnet", {"rounds": 2, "clients": 3, "observer": "hospital", "scheme": "plaintext"}),  # BatchNorm
 }
 
 
@@ -142,6 +144,19 @@ def test_the_handed_model_carries_the_global_buffers_not_the_victims_statistics(
     for name, value in before.items():
         assert torch.equal(handed[name], value), name
         assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_he_hands_the_global_buffers_and_shares_the_clients_buffers_beside_them(parts, fitted):
+    defense, ctx, target = fitted["he-resnet"]
+    update = observe.client_observation(defense, Surface.GRADIENTS, target, _victim(parts), parts.auxiliary,
+                                        ctx).gradient_update
+    at_round = model_at_round(target, ctx.build_model, ctx.config.gradient_round)
+    for (name, handed), expected in zip(update.model.named_buffers(), at_round.buffers(), strict=True):
+        assert torch.equal(handed, expected), name  # the global statistics, not the victims'
+    assert len(update.buffers) == len(list(at_round.buffers()))
+    moved = [not torch.equal(b, e) for b, e in zip(update.buffers, at_round.buffers(), strict=True)
+             if b.is_floating_point()]
+    assert moved and all(moved)  # the shared statistics moved towards the victims' batches
 
 
 def test_dp_updates_are_reproduced_by_the_public_rule_at_the_truth(parts):

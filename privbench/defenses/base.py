@@ -60,6 +60,11 @@ class Defense(ABC):
     protects: ClassVar[frozenset[Surface]] = frozenset()
     differentiable: ClassVar[bool] = True  # can an attacker backpropagate through what it exposes?
     stochastic: ClassVar[bool] = False  # does the exposed quantity involve fresh randomness?
+    # The registered model names the defense runs on (None: any registered model), the one it runs on when
+    # the user names none, and why a model outside ``models`` cannot work (for the error; see check_model).
+    models: ClassVar[tuple[str, ...] | None] = None
+    default_model: ClassVar[str] = "lenet"
+    models_reason: ClassVar[str] = ""
 
     def __init__(self, params: Any):
         self.params = params
@@ -105,6 +110,33 @@ class Defense(ABC):
         import dataclasses
 
         return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "params": dataclasses.asdict(self.params)}
+
+
+def check_model(defense_cls: type[Defense], model_name: str) -> None:
+    """Refuse a model the defense cannot run on, saying why and which model to use.
+
+    Args:
+        defense_cls: a Defense subclass (its ``models``, ``default_model`` and ``models_reason``).
+        model_name: a registered model name.
+
+    Raises:
+        ConfigError: ``model_name`` is not among ``defense_cls.models`` (None accepts every model).
+
+    Example:
+        >>> check_model(registry.defenses.get("gascnn"), "lenet")  # doctest: +SKIP
+        ConfigError: defense 'gascnn' cannot run on model 'lenet': ... Use --model resnet (its default) ...
+    """
+    from privbench.config import ConfigError
+
+    supported = defense_cls.models
+    if supported is None or model_name in supported:
+        return
+    name = getattr(defense_cls, "registry_name", defense_cls.__name__)
+    options = [f"--model {defense_cls.default_model} (its default)"]
+    options += [f"--model {m}" for m in supported if m != defense_cls.default_model]
+    use = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+    why = defense_cls.models_reason or f"it supports the models {', '.join(supported)} only"
+    raise ConfigError(f"defense {name!r} cannot run on model {model_name!r}: {why}. Use {use}.")
 
 
 def fit_plainly(model: nn.Module, members: "ImageDataset", params: Any, ctx: FitContext, stage: str = "train") -> Target:

@@ -16,6 +16,15 @@ Parties: a **data provider** (the hospital) and a **service provider** that trai
 - The service provider trains the rest of the network on ``t`` with ``C_ac`` frozen as its first
   layer; ``t C_ac`` equals the permuted first-layer features of ``d``, so nothing is lost.
 
+C_r is the convolution the model applies first to the image, found by a forward pass with hooks
+(``find_first_conv``): the first layer of convnet and vgg, the ResNet stem's convolution. The
+service's network is a copy of the model with ``FeaturesIn`` in C_r's place (the rest consumes the
+features C_ac computes); the released image-space model is the same copy with C_r back, its output
+channels permuted (``fold_permutation``). In a sequential model the layers up to the next
+convolution are permuted to follow (the plain model's function at init); in any other model (the
+ResNet stem feeds identity shortcuts) the rest trains from its own seeded init on permuted features,
+and the training record says which (``permutation_compensated``, ``service_init``).
+
 Surfaces: SHARED_DATA is the service provider's view (the victim batch's ``t``, ``C_ac``, the
 trained network after the first layer, C_r's kernel when public; ``M``, the permutation and a
 secret C_r are never in it). GRADIENTS is an outside eavesdropper on the service's training
@@ -83,19 +92,116 @@ class Secrets:
     geometry: ConvGeometry
 
 
+class FeaturesIn(nn.Module):
+    """Stands where C_r was in the service's copy of the model: passes its input through, so the rest of
+    the model consumes the first-layer features that the augmented layer computed from the morphed vector."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+@dataclass(frozen=True)
+class FirstConv:
+    """The convolution a model applies first, to its input itself: its qualified name in the model and
+    whether the model is a plain ``nn.Sequential`` that starts with it (then the layers after it can be
+    permuted to follow C_r's secret channel order; see ``permute_leading_channels``)."""
+
+    path: str
+    sequential: bool
+
+
+def find_first_conv(model: nn.Module, image_shape: tuple[int, int, int]) -> FirstConv:
+    """Locate the Conv2d that ``model`` applies first to its input, by a forward pass of a zero image
+    [1, C, H, W] on a copy (eval mode) with pre-hooks on every leaf module.
+
+    Raises ConfigError when the first leaf module called is not a Conv2d, when that convolution does not
+    take the input tensor itself (an operation comes before it), when it is called more than once, or
+    when another leaf module also reads the input (the rest would then see features in its place).
+    """
+    probe = copy.deepcopy(model).eval()
+    first = next(probe.parameters(), None)
+    x = torch.zeros(1, *image_shape, dtype=first.dtype if first is not None else torch.float32)
+    calls: list[tuple[str, nn.Module, bool]] = []
+    handles = []
+    for name, module in probe.named_modules():
+        if name and not any(True for _ in module.children()):
+            def record(module, args, name=name):
+                calls.append((name, module, any(a is x for a in args)))
+            handles.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            probe(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    kind = type(model).__name__
+    if not calls or not isinstance(calls[0][1], nn.Conv2d) or not calls[0][2]:
+        what = "nothing" if not calls else f"{type(calls[0][1]).__name__} {calls[0][0]!r}" + (
+            "" if calls[0][2] else " on a tensor computed from the image")
+        raise ConfigError(f"mple folds its morphing into the convolution a model applies first to the image; "
+                          f"{kind} applies {what} first")
+    path, conv, _ = calls[0]
+    if sum(1 for _, module, _ in calls if module is conv) > 1:
+        raise ConfigError(f"mple: {kind} applies its first convolution {path!r} more than once; the service "
+                          f"replaces it, so it must be applied to the image only")
+    readers = [name for name, module, on_image in calls[1:] if on_image and module is not conv]
+    if readers:
+        raise ConfigError(f"mple: in {kind} the image also reaches {', '.join(readers)} besides the first "
+                          f"convolution {path!r}; the service sees only morphed vectors, so C_r must be the only "
+                          f"layer that reads the image")
+    return FirstConv(path, isinstance(model, nn.Sequential) and path == "0")
+
+
+def replace_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` in place of ``model``'s submodule at the qualified name ``path``, in place."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def first_conv(model: nn.Module, image_shape: tuple[int, int, int]) -> tuple[FirstConv, nn.Conv2d]:
+    """The first convolution on the image (located by ``find_first_conv``) and where it is, after checking
+    that morphing can fold into it (stride 1, dilation 1, one group, square kernel and padding)."""
+    where = find_first_conv(model, image_shape)
+    conv = model.get_submodule(where.path)
+    try:
+        ConvGeometry.of(conv, image_shape)
+    except MorphingError as exc:
+        raise ConfigError(f"mple: {type(model).__name__}'s first convolution {where.path!r} cannot carry the "
+                          f"morphing: {exc}. Use --model convnet, vgg or resnet.") from exc
+    return where, conv
+
+
 def split_first_conv(model: nn.Module) -> tuple[nn.Conv2d, list[nn.Module]]:
-    """The first convolution (applied to the image) and the rest of a sequential model."""
+    """The first convolution and the rest of a sequential model that starts with it (the case in which
+    ``permute_leading_channels`` applies); any other model: use ``first_conv``."""
     if not isinstance(model, nn.Sequential) or not isinstance(model[0], nn.Conv2d):
-        raise ConfigError(
-            f"mple needs a sequential model whose first layer is a Conv2d on the image (convnet, vgg); "
-            f"got {type(model).__name__}. Use --model convnet or --model vgg."
-        )
+        raise ConfigError(f"split_first_conv needs an nn.Sequential whose first layer is a Conv2d; got "
+                          f"{type(model).__name__} (use first_conv, which handles any model)")
     return model[0], list(model)[1:]
+
+
+_CHANNELWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, FeaturesIn)
+
+
+def carries_permutation(rest: list[nn.Module]) -> bool:
+    """Whether ``permute_leading_channels`` can carry a channel permutation through ``rest``: only
+    channel-wise layers (activations, pooling, dropout, BatchNorm2d) up to a Conv2d that absorbs it."""
+    for module in rest:
+        if isinstance(module, nn.Conv2d):
+            return module.groups == 1
+        if not isinstance(module, (*_CHANNELWISE, nn.BatchNorm2d)):
+            return False
+    return False
 
 
 def permute_leading_channels(rest: list[nn.Module], permutation: torch.Tensor) -> None:
     """Permute, in place, the input channels of ``rest`` up to its first convolution, so that
     ``rest(x[:, permutation])`` computes what the unpermuted ``rest(x)`` did."""
+    if not carries_permutation(rest):
+        kinds = ", ".join(type(m).__name__ for m in rest[:4])
+        raise ConfigError(f"mple cannot carry the channel permutation through {kinds}: only channel-wise layers "
+                          f"up to an ungrouped Conv2d")
     for module in rest:
         if isinstance(module, nn.Conv2d):
             with torch.no_grad():
@@ -106,9 +212,6 @@ def permute_leading_channels(rest: list[nn.Module], permutation: torch.Tensor) -
                 for tensor in (module.weight, module.bias, module.running_mean, module.running_var):
                     if tensor is not None:
                         tensor.copy_(tensor[permutation])
-            continue
-        if not isinstance(module, (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout)):
-            raise ConfigError(f"mple cannot carry the channel permutation through {type(module).__name__}")
 
 
 def fold_permutation(conv: nn.Conv2d, permutation: torch.Tensor) -> nn.Conv2d:
@@ -116,19 +219,27 @@ def fold_permutation(conv: nn.Conv2d, permutation: torch.Tensor) -> nn.Conv2d:
     folded = copy.deepcopy(conv)
     with torch.no_grad():
         folded.weight.copy_(conv.weight[permutation])
-        folded.bias.copy_(conv.bias[permutation])
+        if conv.bias is not None:
+            folded.bias.copy_(conv.bias[permutation])
     return folded.requires_grad_(False)
 
 
-def prepare_first_layer(model: nn.Module, params: FirstLayerParams) -> nn.Conv2d:
+def conv_bias(conv: nn.Conv2d) -> torch.Tensor:
+    """C_r's bias [F] (zeros when the convolution has none, as the ResNet stem's)."""
+    if conv.bias is None:
+        return torch.zeros(conv.out_channels, dtype=conv.weight.dtype)
+    return conv.bias.detach()
+
+
+def prepare_first_layer(model: nn.Module, params: FirstLayerParams, image_shape: tuple[int, int, int]) -> nn.Conv2d:
     """Set C_r (seeded init or VGG-16's first layer) and freeze it; returns it."""
-    conv, _ = split_first_conv(model)
+    _, conv = first_conv(model, image_shape)
     if params.first_layer == "vgg16-imagenet":
         from privbench.metrics.weights import WeightsMissing, load_state_dict
 
-        if conv.out_channels != 64 or conv.kernel_size != (3, 3) or conv.in_channels not in (1, 3):
-            raise ConfigError("first_layer=vgg16-imagenet needs a first conv of 64 3x3 filters on 1 or 3 channels "
-                              "(--model vgg, or --model convnet --model-param width=64)")
+        if conv.out_channels != 64 or conv.kernel_size != (3, 3) or conv.in_channels not in (1, 3) or conv.bias is None:
+            raise ConfigError("first_layer=vgg16-imagenet needs a first conv of 64 3x3 filters with a bias on 1 or 3 "
+                              "channels (--model vgg, or --model convnet --model-param width=64)")
         try:
             state = load_state_dict("vgg16")
         except WeightsMissing as exc:
@@ -156,15 +267,35 @@ def check_memory(geometry: ConvGeometry, limit_gb: float) -> None:
 
 
 class MorphedService(nn.Module):
-    """The service provider's network: C_ac (frozen) on morphed vectors [B, D] (or [B, 1, 1, D]), then the rest."""
+    """The service provider's network: C_ac (frozen) on morphed vectors [B, D] (or [B, 1, 1, D]), then the rest.
 
-    def __init__(self, first: AugmentedConv, rest: list[nn.Module]):
+    ``rest`` takes the first-layer features [B, F, H', W']: a list of layers (run in sequence) or a module,
+    as ``service_body`` builds it (the model with ``FeaturesIn`` in C_r's place).
+    """
+
+    def __init__(self, first: AugmentedConv, rest: list[nn.Module] | nn.Module):
         super().__init__()
         self.first = first
-        self.rest = nn.Sequential(*rest)
+        self.rest = rest if isinstance(rest, nn.Module) else nn.Sequential(*rest)
 
     def forward(self, morphed: torch.Tensor) -> torch.Tensor:
         return self.rest(self.first(morphed.flatten(1)))
+
+
+def service_body(model: nn.Module, where: FirstConv) -> nn.Module:
+    """A copy of ``model`` with ``FeaturesIn`` in place of its first convolution: the service's network
+    after the first layer (its input: the first-layer features)."""
+    body = copy.deepcopy(model)
+    replace_submodule(body, where.path, FeaturesIn())
+    return body
+
+
+def released_model(body: nn.Module, where: FirstConv, folded: nn.Conv2d) -> nn.Module:
+    """The image-space model: a copy of the service body with the folded C_r back in the convolution's place
+    (the architecture and state-dict names of the plain model)."""
+    released = copy.deepcopy(body)
+    replace_submodule(released, where.path, copy.deepcopy(folded))
+    return released
 
 
 @registry.defenses.register("mple")
@@ -181,6 +312,11 @@ class MpLe(Defense):
     # invgrad-mple from GRADIENTS (46-47 dB PSNR at 2,000 evaluations on brain-tumor-mri 32x32); with a secret
     # C_r the images' structure still comes back (SSIM 0.57-0.88). No surface is credited as protected.
     protects: frozenset[Surface] = frozenset()
+    models = ("convnet", "vgg", "resnet")
+    default_model = "convnet"
+    models_reason = ("MpLe folds its secret morphing into the layer the model applies first to the image, which must "
+                     "be a stride-1, undilated, ungrouped convolution with a square kernel (lenet's first convolution "
+                     "has stride 2; capsnet's has stride 2 on images of 64 px or more)")
 
     def identity(self) -> dict:
         """``cr_secret`` decides what the service is told, not how the target is trained."""
@@ -208,38 +344,54 @@ class MpLe(Defense):
     def augmented(self, conv: nn.Conv2d, secrets: Secrets) -> AugmentedConv:
         geometry = secrets.geometry
         c_ac = morphing.augmented_layer(secrets.matrix, conv.weight.detach(), secrets.permutation, geometry)
-        return AugmentedConv(c_ac.float(), conv.bias.detach()[secrets.permutation].clone(), geometry.feature_shape)
+        return AugmentedConv(c_ac.float(), conv_bias(conv)[secrets.permutation].clone(), geometry.feature_shape)
 
     def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:
         p: MpLeParams = self.params
-        conv = prepare_first_layer(model, p)
-        _, rest = split_first_conv(model)
+        image_shape = members.image_shape
+        conv = prepare_first_layer(model, p, image_shape)
+        where = find_first_conv(model, image_shape)
         t0 = time.perf_counter()
-        secrets = self.secrets(conv, members.image_shape, ctx.seeds["secrets"])
+        secrets = self.secrets(conv, image_shape, ctx.seeds["secrets"])
         first = self.augmented(conv, secrets)
         setup_s = time.perf_counter() - t0
-        # The service's own init, with its input channels permuted: the same function as the plain model at
-        # init (an equally random start), so MpLe and its twin differ only by the morphing.
-        permute_leading_channels(rest, secrets.permutation)
-        service = MorphedService(first, rest)
+        body = service_body(model, where)
+        after = list(body)[1:] if where.sequential else []
+        compensated = where.sequential and carries_permutation(after)
+        if compensated:
+            # The service's own init, with its input channels permuted: the same function as the plain model at
+            # init, so MpLe and its twin differ only by the morphing.
+            permute_leading_channels(after, secrets.permutation)
+            service_init = ("the layers after C_r start from the model's seeded init with their input channels "
+                            "permuted to C_r's secret order: at init the released model computes what the plain "
+                            "model (the utility twin's start) computes")
+        else:
+            service_init = ("the model is not a sequence of channel-wise layers up to a convolution after C_r (a "
+                            "ResNet stem feeds identity shortcuts), so the secret channel permutation is not carried "
+                            "into its later layers: the service trains them from the model's own seeded init on "
+                            "permuted features, an equally random start (the utility twin starts from the same init "
+                            "on unpermuted features)")
+        service = MorphedService(first, body)
         # The released image-space model: C_r with its output channels permuted, folded into one plain
         # convolution, so the permutation itself is not a tensor of the release.
-        released = nn.Sequential(fold_permutation(conv, secrets.permutation), *rest)
-        initial_state = copy.deepcopy(released.state_dict())
+        folded = fold_permutation(conv, secrets.permutation)
+        initial_state = copy.deepcopy(released_model(body, where, folded).state_dict())
 
         t0 = time.perf_counter()
         morphed = self.morph(members.images, secrets)
         morph_s = time.perf_counter() - t0
         progress = (lambda done, total: ctx.progress("train", done, total)) if ctx.progress else None
         record = train_classifier(service, TensorSet(morphed, members.labels), p, ctx.seeds["train"], progress)
+        released = released_model(service.rest, where, folded)
         nonmembers_morphed = self.morph(ctx.nonmembers.images, secrets)
         service_accuracy = accuracy(service, TensorSet(nonmembers_morphed, ctx.nonmembers.labels))
         with torch.no_grad():  # the released image-space model must compute what the service computes on t
             gap = (service.eval()(nonmembers_morphed[:256]) - released.eval()(ctx.nonmembers.images[:256])).abs().max()
         g = secrets.geometry
-        cr_params = conv.weight.numel() + conv.bias.numel()
+        cr_params = conv.weight.numel() + (0 if conv.bias is None else conv.bias.numel())
         record.update(condition_number=secrets.condition, released_vs_service_max_logit_diff=float(gap),
-                      first_layer=p.first_layer, geometry=g.describe())
+                      first_layer=p.first_layer, geometry=g.describe(), first_conv=where.path,
+                      permutation_compensated=compensated, service_init=service_init)
         return Target(
             model=released.eval(),
             initial_state=initial_state,
@@ -263,14 +415,15 @@ class MpLe(Defense):
 
     def _first_layer(self, ctx: FitContext) -> nn.Conv2d:
         """C_r as the provider set it (frozen: never trained, so the fresh model's, seeded or pretrained)."""
-        return prepare_first_layer(ctx.build_model(), self.params)
+        return prepare_first_layer(ctx.build_model(), self.params, ctx.nonmembers.image_shape)
 
     def _service_at_round(self, target: Target, ctx: FitContext) -> tuple[MorphedService, Secrets, nn.Conv2d]:
         """The service network at ``ctx.config.gradient_round`` (train mode), the provider's secrets and C_r."""
         released = model_at_round(target, ctx.build_model, ctx.config.gradient_round)
         conv = self._first_layer(ctx)
         secrets = self.secrets(conv, ctx.nonmembers.image_shape, ctx.seeds["secrets"])
-        return MorphedService(self.augmented(conv, secrets), list(released)[1:]).train(), secrets, conv
+        body = service_body(released, find_first_conv(released, ctx.nonmembers.image_shape))
+        return MorphedService(self.augmented(conv, secrets), body).train(), secrets, conv
 
     def observe(self, surface: Surface, target: Target, victim: Victim | None, ctx: FitContext) -> Observation:
         if surface not in (Surface.SHARED_DATA, Surface.GRADIENTS):
@@ -353,7 +506,7 @@ class FrozenFirstLayerTraining(Defense):
     description = "Plain training with MpLe's frozen first convolution (utility twin of mple)."
 
     def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:
-        prepare_first_layer(model, self.params)
+        prepare_first_layer(model, self.params, members.image_shape)
         target = fit_plainly(model, members, self.params, ctx, stage="train twin")
         target.costs["train_time_per_epoch_s"] = target.costs["train_time_s"] / max(self.params.epochs, 1)
         return target

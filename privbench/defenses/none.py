@@ -33,6 +33,8 @@ class NoDefense(Defense):
     Params = NoDefenseParams
     description = "No protection: plain training; every surface passes through unchanged."
     protects = frozenset()
+    models = None  # any registered model
+    default_model = "lenet"
 
     def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:
         return fit_plainly(model, members, self.params, ctx)

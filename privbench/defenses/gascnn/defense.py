@@ -245,6 +245,8 @@ class GASCNN(Defense):
     protects = frozenset({Surface.GRADIENTS, Surface.MODEL_WHITEBOX, Surface.MODEL_QUERIES})
     models = ("resnet", "convnet")
     default_model = "resnet"
+    models_reason = ("GASCNN converts a ReLU network whose pooling it can average into a spiking network (the "
+                     "ResNet, or a sequential ReLU network such as convnet); lenet's sigmoids have no spiking equivalent")
     differentiable = True  # through the surrogate spike gradient and the straight-through encoder
     stochastic = True  # with encoding=poisson
 

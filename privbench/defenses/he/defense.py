@@ -21,6 +21,14 @@ view log:
 MODEL_WHITEBOX and MODEL_QUERIES pass the released model through unchanged: HE
 protects the updates in transit, not the model it produces.
 
+BatchNorm: each hospital's running statistics after its local steps travel with
+its update, in the same ciphertexts, and the global statistics become their
+size-weighted mean (``protocol.BUFFER_RULE``; stated in the training record and
+in every GRADIENTS observation's ``buffers`` note). An observer that derives a
+plaintext update also derives the buffers behind it (``GradientUpdate.buffers``):
+they reveal the batch's per-channel statistics. The model handed to the attacker
+carries the global statistics of the attacked round's start, never the victims'.
+
 Randomness: the split, batches and initialization are seeded; encryption uses
 fresh randomness (as it must), so CKKS results vary at the level of its
 encoding error (about 1e-9) between runs; Paillier decrypts exactly.
@@ -46,11 +54,15 @@ from privbench.defenses.base import Defense, FitContext, Target, model_at_round,
 from privbench.defenses.he import ledger as ledgerlib
 from privbench.defenses.he.protocol import (
     AGGREGATOR,
+    BUFFER_RULE,
     OUTSIDER,
     Protocol,
     ViewLog,
+    buffer_values,
     derive_update,
     hospital,
+    parameter_count,
+    running_buffers,
     split_clients,
     unflatten,
 )
@@ -160,14 +172,21 @@ class _Sampler:
         return batch
 
 
-def _check_model(model: nn.Module) -> None:
-    buffers = [name for name, _ in model.named_buffers()]
-    if buffers:
-        raise ConfigError(
-            f"he: the protocol aggregates trainable parameters only; this model has buffers ({', '.join(buffers[:3])}"
-            f"{'...' if len(buffers) > 3 else ''}: running statistics) that FedAvg would leave unaggregated. "
-            f"Use a model without BatchNorm (lenet, convnet, capsnet, vgg with batch_norm=false)."
-        )
+def _buffer_note(model: nn.Module, shared: bool = False, encrypted: bool = False) -> str:
+    """How the protocol treats ``model``'s buffers, and (for an observation) what the observer holds of them."""
+    if not running_buffers(model):
+        return "none: the model has no BatchNorm running statistics, so the updates carry parameters only"
+    if encrypted:
+        held = ("the observer holds them as ciphertexts only (GradientUpdate.buffers is empty); decrypted, they would "
+                "reveal the per-channel mean and variance of the batches behind them")
+    elif shared:
+        held = ("GradientUpdate.buffers holds them (the size-weighted mean of the running statistics of the hospitals "
+                "behind the update, after their local steps); with the global statistics b_t (the handed model's) "
+                "they reveal the batch's per-channel mean and variance at every BatchNorm layer: b_k = (1 - m) b_t + "
+                "m * batch statistic, m the BatchNorm momentum")
+    else:
+        held = "the released model carries the statistics aggregated in the last round"
+    return f"{BUFFER_RULE}; {held}"
 
 
 @registry.defenses.register("he")
@@ -183,6 +202,8 @@ class HomomorphicFedAvg(Defense):
     )
     protects = frozenset({Surface.GRADIENTS})
     stochastic = True  # fresh encryption randomness (CKKS decrypts with ~1e-9 noise)
+    models = None  # any registered model: BatchNorm buffers are aggregated with the parameters (protocol.BUFFER_RULE)
+    default_model = "lenet"
 
     def __init__(self, params: HEParams):
         needed = {"ckks": "tenseal", "paillier": "phe"}.get(params.scheme)
@@ -208,7 +229,6 @@ class HomomorphicFedAvg(Defense):
 
     def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:
         p = self.params
-        _check_model(model)
         shards = self.shards(members, ctx.seeds["train"])
         initial_state = copy.deepcopy(model.state_dict())
         t0 = time.perf_counter()
@@ -255,6 +275,7 @@ class HomomorphicFedAvg(Defense):
             "ledger_blocks": len(protocol.ledger.blocks),
             "ledger_verified": check.ok,
             "ledger_head": protocol.ledger.blocks[-1]["hash"] if protocol.ledger.blocks else ledgerlib.GENESIS,
+            "buffers": _buffer_note(model),
             "train_accuracy": accuracy(model, members),
             "train_time_s": train_time,
             "artifacts": {"ledger.jsonl": ledger_text},
@@ -299,12 +320,13 @@ class HomomorphicFedAvg(Defense):
         protocol = Protocol(make_keys(p), copy.deepcopy(model), p.clients, p.lr, p.local_steps,
                             aggregator_sees_models=p.aggregator_sees_models)
         stats = protocol.round(round_, batches, [len(steps[0][1]) for steps in batches])
-        derived = derive_update(protocol.log, party, round_, p.lr, p.scheme)
+        derived = derive_update(protocol.log, party, round_, p.lr, p.scheme, n_params=parameter_count(model))
         gradients = () if derived.vector is None else unflatten(derived.vector, model)
+        buffers = () if derived.buffers is None else buffer_values(derived.buffers, model, p.local_steps)
         update = GradientUpdate(
             model=model, gradients=gradients, batch_size=derived.batch_size, input_shape=tuple(victim.images.shape[1:]),
             num_classes=ctx.nonmembers.num_classes, round=ctx.config.gradient_round,
-            encrypted=derived.vector is None, local_steps=p.local_steps,
+            encrypted=derived.vector is None, local_steps=p.local_steps, buffers=buffers,
         )
         notes = {
             "observer": p.observer,
@@ -319,6 +341,7 @@ class HomomorphicFedAvg(Defense):
             "scheme": protocol.keys.describe(),
             "round_costs": dataclasses.asdict(stats),
             "local_steps": p.local_steps,
+            "buffers": _buffer_note(model, shared=bool(buffers), encrypted=derived.vector is None),
         }
         return Observation(surface=Surface.GRADIENTS, gradient_update=update, notes=notes)
 

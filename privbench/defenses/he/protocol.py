@@ -10,18 +10,25 @@ One round t, global model w_t (every hospital holds it):
 1. Hospital k takes ``local_steps`` plain-SGD steps (learning rate ``lr``) on its
    own data from w_t and forms its update u_k = sum of its step gradients, so
    w_k = w_t - lr * u_k (with one step, u_k is the gradient of the mean
-   cross-entropy over its batch). It reports n_k, the number of examples behind
-   u_k (sizes are public), and weights its update by n_k / sum(n).
-2. It encrypts n_k/N * u_k (after the scheme's range check), records the
+   cross-entropy over its batch). Its train-mode forward passes also update its
+   floating-point buffers b_k (BatchNorm running_mean / running_var), which it
+   appends: the shared vector is [u_k, b_k] (b_k empty without BatchNorm). It
+   reports n_k, the number of examples behind u_k (sizes are public), and
+   weights the vector by n_k / sum(n).
+2. It encrypts n_k/N * [u_k, b_k] (after the scheme's range check), records the
    SHA-256 digest of the ciphertext bytes on the ledger, and sends the bytes to
    the aggregator.
 3. The aggregator checks each received ciphertext against the digest its sender
    recorded (a mismatch aborts the round, naming the client, and nothing is
    applied), adds the ciphertexts homomorphically, and sends the encrypted
    aggregate to every hospital. It cannot decrypt anything.
-4. Every hospital decrypts the aggregate U = sum_k n_k/N u_k and applies
-   w_{t+1} = w_t - lr * U (FedAvg). The ledger seals the round's block (client
-   digests, aggregate digest, digest of w_{t+1}).
+4. Every hospital decrypts the aggregate [U, B] = sum_k n_k/N [u_k, b_k] and
+   applies w_{t+1} = w_t - lr * U (FedAvg); the global running statistics
+   become B, the size-weighted mean of the hospitals' (FedAvg on a state dict);
+   the integer counts (num_batches_tracked) are not sent: each becomes the
+   hospitals' maximum, the previous count plus ``local_steps``. The ledger
+   seals the round's block (client digests, aggregate digest, digest of
+   w_{t+1} and its buffers).
 5. With ``aggregator_sees_models`` (a protocol variant: the aggregator also
    hosts the model) the hospitals send w_{t+1} to the aggregator in the clear.
 
@@ -109,8 +116,68 @@ def unflatten(vector: np.ndarray, model: nn.Module) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
+def running_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The floating-point buffers (BatchNorm running_mean / running_var) in ``model.buffers()`` order:
+    aggregated with the parameters (``BUFFER_RULE``)."""
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
+def count_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The integer buffers (BatchNorm num_batches_tracked) in ``model.buffers()`` order: not transmitted."""
+    return [b for b in model.buffers() if not b.is_floating_point()]
+
+
+def flat_buffers(model: nn.Module) -> np.ndarray:
+    """float32 [R]: the floating-point buffers in ``model.buffers()`` order (empty without BatchNorm)."""
+    buffers = running_buffers(model)
+    if not buffers:
+        return np.zeros(0, dtype=np.float32)
+    return torch.cat([b.detach().reshape(-1).float() for b in buffers]).numpy().copy()
+
+
+def flat_state(model: nn.Module) -> np.ndarray:
+    """float32 [P + R]: the parameters, then the floating-point buffers: what a model round carries."""
+    return np.concatenate([flat_params(model), flat_buffers(model)])
+
+
+def parameter_count(model: nn.Module) -> int:
+    """P: the trainable values at the front of a shared vector."""
+    return sum(p.numel() for p in trainable(model))
+
+
+def load_buffers(model: nn.Module, vector: np.ndarray) -> None:
+    """Set the floating-point buffers from ``vector`` [R] (``flat_buffers`` order), in place."""
+    at = 0
+    with torch.no_grad():
+        for b in running_buffers(model):
+            b.copy_(torch.as_tensor(vector[at : at + b.numel()]).reshape(b.shape).to(b.dtype))
+            at += b.numel()
+
+
+def buffer_values(vector: np.ndarray, model: nn.Module, steps: int) -> tuple[torch.Tensor, ...]:
+    """Every buffer of ``model`` in ``model.buffers()`` order after a round: the floating-point ones from
+    ``vector`` [R], the integer counts advanced by ``steps`` local steps from ``model``'s (the public count)."""
+    out, at = [], 0
+    for b in model.buffers():
+        if b.is_floating_point():
+            out.append(torch.as_tensor(vector[at : at + b.numel()]).reshape(b.shape).to(b.dtype).clone())
+            at += b.numel()
+        else:
+            out.append(b.detach().clone() + steps)
+    return tuple(out)
+
+
 def model_digest(model: nn.Module) -> str:
-    return hashlib.sha256(flat_params(model).tobytes()).hexdigest()
+    return hashlib.sha256(flat_state(model).tobytes()).hexdigest()
+
+
+BUFFER_RULE = (
+    "BatchNorm buffers are aggregated as FedAvg aggregates a state dict: each hospital appends its running_mean and "
+    "running_var after its local steps to its update, weighted by n_k/N and encrypted with it in the same ciphertexts "
+    "(in the clear with scheme=plaintext), so the decrypted sum is their size-weighted mean and becomes the global "
+    "running statistics; num_batches_tracked is not sent: the global count is the hospitals' maximum, the previous "
+    "count plus local_steps (public by the protocol)"
+)
 
 
 # -- the view log ----------------------------------------------------------------------------------
@@ -209,12 +276,15 @@ class Protocol:
         self.ledger = ledger if ledger is not None else Ledger()
         self.channel = channel
 
-    def _local_update(self, steps: list[Batch]) -> np.ndarray:
-        """u = sum of the plain-SGD step gradients from the global model, float64 [P]."""
+    def _local_update(self, steps: list[Batch]) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """What a hospital shares, float64 [P + R]: u = the sum of its plain-SGD step gradients from the global
+        model, then its floating-point buffers after those steps (BatchNorm running statistics, which train-mode
+        forward passes update); and its integer buffer counts (kept, not sent)."""
         local = copy.deepcopy(self.model).train()
         params = trainable(local)
         if all(len(labels) == 0 for _, labels in steps):  # no data this round: a zero update of weight 0
-            return np.zeros(sum(q.numel() for q in params))
+            return np.concatenate([np.zeros(sum(q.numel() for q in params)),
+                                   flat_buffers(local).astype(np.float64)]), count_buffers(local)
         total = None
         for images, labels in steps:
             grads = torch.autograd.grad(F.cross_entropy(local(images), labels), params)
@@ -223,7 +293,7 @@ class Protocol:
             with torch.no_grad():
                 for p, g in zip(params, grads, strict=True):
                     p.sub_(self.lr * g)
-        return total.numpy()
+        return np.concatenate([total.numpy(), flat_buffers(local).astype(np.float64)]), count_buffers(local)
 
     def round(self, t: int, batches: list[list[Batch]], examples: list[int]) -> RoundStats:
         """One round; ``batches[k]``: client k's ``local_steps`` batches; ``examples[k]``: distinct examples in them."""
@@ -232,17 +302,18 @@ class Protocol:
         ):
             raise ValueError(f"round needs {self.clients} clients x {self.local_steps} local batches")
         log, names = self.log, [hospital(k) for k in range(self.clients)]
-        start = flat_params(self.model)
+        start = flat_state(self.model)
         for name in names:
             log.record(t, name, "global_model", name, start, start.nbytes)
         if self.aggregator_sees_models:
             log.record(t, AGGREGATOR, "global_model", names[0], start, start.nbytes)
 
         t0 = time.perf_counter()
-        updates, sizes = [], {}
+        updates, sizes, counts = [], {}, []
         for name, steps, n in zip(names, batches, examples, strict=True):
-            u = self._local_update(steps)
+            u, local_counts = self._local_update(steps)
             updates.append(u)
+            counts.append(local_counts)
             sizes[name] = int(n)
             log.record(t, name, "own_update", name, u, u.size * 4)
         local_s = time.perf_counter() - t0
@@ -280,10 +351,14 @@ class Protocol:
         plain = sum(sizes[name] / total_n * u for name, u in zip(names, updates, strict=True))
         error = float(np.max(np.abs(decrypted - plain))) if len(plain) else 0.0
 
+        n_params = parameter_count(self.model)
         with torch.no_grad():
-            for p, g in zip(trainable(self.model), unflatten(decrypted, self.model), strict=True):
+            for p, g in zip(trainable(self.model), unflatten(decrypted[:n_params], self.model), strict=True):
                 p.sub_(self.lr * g.to(p.dtype))
-        new = flat_params(self.model)
+            load_buffers(self.model, decrypted[n_params:])  # the size-weighted mean of the running statistics
+            for j, b in enumerate(count_buffers(self.model)):
+                b.copy_(max(local[j] for local in counts))
+        new = flat_state(self.model)
         for name in names:
             log.record(t, name, "new_global_model", name, new, new.nbytes)
         if self.aggregator_sees_models:
@@ -296,7 +371,7 @@ class Protocol:
 
     def release(self, t: int) -> None:
         """The final global model goes public."""
-        final = flat_params(self.model)
+        final = flat_state(self.model)
         for party in (*(hospital(k) for k in range(self.clients)), AGGREGATOR, OUTSIDER):
             self.log.record(t, party, "released_model", "hospitals", final, final.nbytes)
 
@@ -308,19 +383,34 @@ class Protocol:
 class DerivedUpdate:
     """An observer's best plaintext estimate of the clients' gradient in one round, from its view alone.
 
-    ``vector`` float64 [P] (None: the observer holds only ciphertexts); ``batch_size`` the number of
-    examples behind it (client sizes are public); ``how`` the derivation in words; ``parties`` whose
-    data is behind it.
+    ``vector`` float64 [P] (None: the observer holds only ciphertexts); ``buffers`` float64 [R]: the
+    floating-point buffers shared with it (the size-weighted mean of the same clients' BatchNorm running
+    statistics after their local steps; None without such buffers or without plaintext); ``batch_size``
+    the number of examples behind it (client sizes are public); ``how`` the derivation in words;
+    ``parties`` whose data is behind it.
     """
 
     vector: np.ndarray | None
     batch_size: int
     how: str
     parties: tuple[str, ...]
+    buffers: np.ndarray | None = None
 
 
-def derive_update(log: ViewLog, observer: str, round_: int, lr: float, scheme: str) -> DerivedUpdate:
-    """Derive what ``observer`` (``aggregator``, ``hospital-k`` or ``outsider``) can attack in ``round_``."""
+def _split(vector: np.ndarray, n_params: int | None, **fields: Any) -> DerivedUpdate:
+    """A shared vector [P + R] as the parameter part and the buffer part (None when R is 0)."""
+    n = len(vector) if n_params is None else n_params
+    buffers = vector[n:]
+    return DerivedUpdate(vector[:n], buffers=buffers if buffers.size else None, **fields)
+
+
+def derive_update(log: ViewLog, observer: str, round_: int, lr: float, scheme: str,
+                  n_params: int | None = None) -> DerivedUpdate:
+    """Derive what ``observer`` (``aggregator``, ``hospital-k`` or ``outsider``) can attack in ``round_``.
+
+    ``n_params``: P, the parameter values at the front of each logged vector (the rest are floating-point
+    buffers, ``flat_state`` order); None: the vectors hold parameters only.
+    """
     from privbench.threat import AttackError
 
     if observer == OUTSIDER:
@@ -335,16 +425,19 @@ def derive_update(log: ViewLog, observer: str, round_: int, lr: float, scheme: s
         after = log.one(AGGREGATOR, round_, "new_global_model")
         everyone = tuple(sorted(sizes))
         if before is not None and after is not None:
-            vector = (before.payload.astype(np.float64) - after.payload.astype(np.float64)) / lr
-            return DerivedUpdate(vector, sum(sizes.values()),
-                                 "difference of the consecutive global models it received, divided by the public "
-                                 "learning rate: (w_t - w_t+1) / lr = the decrypted aggregate (float32 rounding)",
-                                 everyone)
+            old, new = before.payload.astype(np.float64), after.payload.astype(np.float64)
+            n = len(old) if n_params is None else n_params
+            # parameters: w_t+1 = w_t - lr U; buffers: the new global running statistics are the aggregate itself
+            vector = np.concatenate([(old[:n] - new[:n]) / lr, new[n:]])
+            return _split(vector, n_params, batch_size=sum(sizes.values()), parties=everyone,
+                          how="difference of the consecutive global models it received, divided by the public "
+                              "learning rate: (w_t - w_t+1) / lr = the decrypted aggregate (float32 rounding); the "
+                              "new global BatchNorm statistics, where the model has them, are the aggregated ones")
         if scheme == "plaintext":
             aggregate = log.one(AGGREGATOR, round_, "encrypted_aggregate")
-            return DerivedUpdate(_read_plaintext(aggregate.payload), sum(sizes.values()),
-                                 "the clients' updates arrive unencrypted (scheme=plaintext): their sum, read directly",
-                                 everyone)
+            return _split(_read_plaintext(aggregate.payload), n_params, batch_size=sum(sizes.values()),
+                          parties=everyone,
+                          how="the clients' updates arrive unencrypted (scheme=plaintext): their sum, read directly")
         kinds = log.summary(AGGREGATOR, round_)
         return DerivedUpdate(None, sum(sizes.values()),
                              f"ciphertexts only ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); "
@@ -359,9 +452,10 @@ def derive_update(log: ViewLog, observer: str, round_: int, lr: float, scheme: s
         raise AttackError(f"{observer} is the only client: there are no other hospitals' updates to attack")
     vector = (aggregate.payload - own_weight * own.payload) / (1 - own_weight)
     others = tuple(sorted(k for k in sizes if k != observer))
-    return DerivedUpdate(vector, total - sizes[observer],
-                         "decrypted aggregate minus its own weighted update, divided by the other hospitals' total "
-                         "weight: (U - w_own u_own) / (1 - w_own) = the others' mean gradient", others)
+    return _split(vector, n_params, batch_size=total - sizes[observer], parties=others,
+                  how="decrypted aggregate minus its own weighted update, divided by the other hospitals' total "
+                      "weight: (U - w_own u_own) / (1 - w_own) = the others' mean gradient (and, where the model has "
+                      "BatchNorm, the others' size-weighted mean running statistics)")
 
 
 def _read_plaintext(ciphertext: Ciphertext) -> np.ndarray:
