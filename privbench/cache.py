@@ -7,6 +7,10 @@ plain JSON, and the dataset cache reads its ``.npz`` files without pickle. An en
 (truncated, not what the cache stores, or holding pickled code) is a cache miss: a warning is logged,
 the file is removed and the value is recomputed. Caches log a failed write and continue without storing;
 a cache failure is never fatal to a run, and a cached file is never trusted to run code.
+
+Each file written or read back is noted in an in-process record (:func:`events`), which ``bench run``
+reads to say, on Ctrl-C, what was cached and will be reused; hits, misses and writes are logged at
+debug level (``bench run --verbose``).
 """
 
 from __future__ import annotations
@@ -14,15 +18,40 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 log = logging.getLogger(__name__)
 
 _RESERVED = ("kind", "privbench")
+
+
+@dataclass(frozen=True)
+class CacheEvent:
+    """A cache file written (``"write"``) or read back (``"hit"``) in this process, at ``time.perf_counter()``."""
+
+    kind: str
+    path: Path
+    time: float
+
+
+_EVENTS: deque[CacheEvent] = deque(maxlen=10_000)
+
+
+def note(kind: str, path: Path) -> None:
+    """Record a cache ``"write"`` or ``"hit"`` of ``path`` in this process (and log it at debug level)."""
+    _EVENTS.append(CacheEvent(kind, Path(path), time.perf_counter()))
+    log.debug("cache %s: %s", kind, path)
+
+
+def events() -> list[CacheEvent]:
+    """The cache files written or read back in this process so far, oldest first (the latest 10,000)."""
+    return list(_EVENTS)
 
 
 def cache_key(kind: str, identity: Mapping[str, Any]) -> str:
@@ -97,6 +126,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    note("write", path)
 
 
 def save_torch(path: Path, obj: Any) -> None:
@@ -126,12 +156,15 @@ def load_torch(path: Path) -> Any | None:
 
     path = Path(path)
     if not path.is_file():
+        log.debug("cache miss: %s", path)
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, foreign or unsafe (pickled code): a miss, never fatal
         _discard(path, exc)
         return None
+    note("hit", path)
+    return value
 
 
 def save_json(path: Path, obj: Any, *, default: Callable[[Any], Any] | None = None) -> None:
@@ -149,12 +182,15 @@ def load_json(path: Path) -> Any | None:
     """The JSON value at ``path``, or None on a cache miss (missing; unreadable -> warning, file removed)."""
     path = Path(path)
     if not path.is_file():
+        log.debug("cache miss: %s", path)
         return None
     try:
-        return json.loads(path.read_bytes().decode())
+        value = json.loads(path.read_bytes().decode())
     except Exception as exc:  # truncated or not JSON: a miss, never fatal
         _discard(path, exc)
         return None
+    note("hit", path)
+    return value
 
 
 def _discard(path: Path, exc: BaseException) -> None:

@@ -2,11 +2,16 @@
 
 Exit codes: 0 ok, 1 the run failed (stored as failed), 2 bad input (nothing run),
 3 the pair is unsupported (stored as such), 130 interrupted.
+
+Every text that comes from outside this module (error messages, names, paths) is escaped before rich
+prints it, so brackets such as ``'privbench[medmnist]'`` print as written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -41,15 +46,56 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
 
 def _fail_input(exc: BaseException) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    # soft_wrap: a long message is not broken into lines, so an install command in it copies as one line
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+class _LogLine(logging.Formatter):
+    """``12:03:04 privbench: stage 'train' started``; warnings and errors name their level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        line = f"{self.formatTime(record, '%H:%M:%S')} {record.name}: {level}{record.getMessage()}"
+        return line + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
+def _log_to_stderr(level: int, terminal: bool) -> None:
+    """Log privbench's records at ``level`` and above to stderr until the command ends (``_stop_logging``):
+    plain lines when stderr is not a terminal, through rich (above any progress bar) when it is."""
+    logger = logging.getLogger("privbench")
+    if terminal:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LogLine())
+    handler.setLevel(level)
+    _RESTORE.append((handler, logger.level))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+_RESTORE: list[tuple[logging.Handler, int]] = []  # handlers _log_to_stderr added, and the level before
+
+
+def _stop_logging() -> None:
+    logger = logging.getLogger("privbench")
+    while _RESTORE:
+        handler, level = _RESTORE.pop()
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     no_plugins: Annotated[bool, typer.Option("--no-plugins", help="Use built-in components only.")] = False,
 ) -> None:
     registry.PLUGINS_ENABLED = not no_plugins
+    ctx.call_on_close(_stop_logging)  # a command's stderr log handler ends with the command
 
 
 @app.command()
@@ -80,13 +126,28 @@ def run(
     store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch intra-op threads (default $PRIVBENCH_THREADS or 1).")] = None,
     allow_download: Annotated[bool, typer.Option("--allow-download", help="Let datasets download missing files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stage lines: only the result, warnings "
+                                        "and errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging from privbench: cache hits, misses "
+                                          "and writes; with output that is not a terminal, progress every 30 s.")] = False,
 ) -> None:
-    """Run one defense x attack pair (or return its stored result) and store one row."""
+    """Run one defense x attack pair (or return its stored result) and store one row.
+
+    In a terminal, each stage shows a progress bar with the elapsed and the estimated remaining time;
+    otherwise (piped, nohup) each stage logs one line when it starts and one when it ends, with its
+    seconds, to stderr, and the result is logged too."""
     from privbench.config import Budget, ConfigError, parse_assignments
     from privbench.datasets.splits import SplitSpec
     from privbench.runner import RunOptions, lookup
+    from privbench.stages import StageTracker
     from privbench.store import Store
 
+    if quiet and verbose:
+        _fail_input(ConfigError("--quiet and --verbose exclude each other; pass one of them"))
+    show = not quiet and (verbose or not as_json)  # --json alone prints the row only, as --quiet does
+    terminal = err_console.is_terminal
+    _log_to_stderr(logging.DEBUG if verbose else logging.INFO if show else logging.WARNING, terminal)
+    tracker = StageTracker()
     try:
         if data_root is not None and not data_root.is_dir():
             raise ConfigError(f"--data-root {data_root} does not exist or is not a folder; pass the folder that holds the dataset")
@@ -106,36 +167,68 @@ def run(
         store = Store(store_path)
         result = None if force else lookup(config, store, options)
         if result is None:
-            result = _compute(config, store, options, quiet=as_json)
+            result = _compute(config, store, options, tracker, bar=show and terminal, lines=show and not terminal)
     except _input_errors() as exc:
         _fail_input(exc)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted: nothing was stored for this run[/]")
+        _interrupted(tracker)
         raise typer.Exit(130) from None
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         _print_result(result, store, model_chosen_by_defense=config.model is None)
+        if tracker.stages and show:
+            console.print(f"stage times: {escape(tracker.timings())}; wall time {result.wall_time_s:.1f} s",
+                          highlight=False, soft_wrap=True)
+    if show and not terminal:
+        logging.getLogger("privbench").info("%s", _result_line(result))
     raise typer.Exit({"ok": 0, "failed": 1, "unsupported": 3}[result.status])
 
 
-def _compute(config, store, options, quiet: bool):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+def _compute(config, store, options, tracker, bar: bool, lines: bool):
+    """``runner.run`` with ``tracker`` as its progress, shown as bars (``bar``) or log lines (``lines``)."""
     from privbench import runner
+    from privbench.stages import BarSink, LogSink
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=err_console, transient=True, disable=quiet,
-    ) as bar:
-        tasks: dict[str, int] = {}
+    with contextlib.ExitStack() as stack:
+        if bar:
+            tracker.sinks.append(stack.enter_context(BarSink(err_console)))
+        elif lines:
+            tracker.sinks.append(LogSink())
+        try:
+            result = runner.run(config, store, options, tracker)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            tracker.close("failed")
+            raise
+        tracker.close({"ok": "done", "failed": "failed"}.get(result.status, "stopped"))
+        tracker.sinks.clear()  # the bar stops here; what follows prints below it
+        return result
 
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
 
-        return runner.run(config, store, options, progress)
+def _interrupted(tracker) -> None:
+    """After Ctrl-C: nothing was stored; which finished stages were cached and will be reused."""
+    from privbench.stages import interrupted_summary
+    from privbench.store import home
+
+    summary = interrupted_summary(tracker, home() / "cache")
+    tracker.close("interrupted")
+    err_console.print("[yellow]interrupted: nothing was stored for this run[/]", highlight=False)
+    for line in summary:
+        err_console.print(escape(line), highlight=False, soft_wrap=True)
+
+
+def _result_line(result) -> str:
+    """The result in one log line: run id, status, wall time and the headline metrics beside their baselines."""
+    stored = "stored result: " if result.cached else ""
+    if result.status != "ok":
+        return f"{stored}run {result.run_id} {result.status}: {result.error}"
+    metrics = result.metrics
+    shown = "; ".join(f"{name} {_fmt(metrics[name])}" + (f" (baseline {_fmt(metrics[f'baseline_{name}'])})"
+                                                         if f"baseline_{name}" in metrics else "")
+                      for name in headline(metrics, result.info))
+    return f"{stored}run {result.run_id} ok in {result.wall_time_s:.1f} s: {shown}"
 
 
 def _fmt(value) -> str:
@@ -151,10 +244,11 @@ def _print_result(result, store, model_chosen_by_defense: bool = False) -> None:
     model = f"{cfg['model']}, the {cfg['defense']} defense's default" if model_chosen_by_defense else cfg["model"]
     head = f"{cfg['defense']} x {cfg['attack']} on {cfg['dataset']} ({model}, {cfg['image_size']}px, seed {cfg['seed']}"
     head += f", target seed {cfg['target_seed']})" if cfg.get("target_seed") is not None else ")"
-    console.print(f"[bold]{head}[/]  run {result.run_id}" + ("  [dim](stored result)[/]" if result.cached else ""))
+    console.print(f"[bold]{escape(head)}[/]  run {escape(result.run_id)}" + ("  [dim](stored result)[/]" if result.cached else ""),
+                  highlight=False)
     if result.status != "ok":
         colour = "red" if result.status == "failed" else "yellow"
-        console.print(f"[{colour}]{result.status}:[/] {result.error}", highlight=False)
+        console.print(f"[{colour}]{result.status}:[/] {escape(str(result.error))}", highlight=False, soft_wrap=True)
         return
     metrics = result.metrics
     unavailable = result.info.get("unavailable_metrics", {})
@@ -168,7 +262,7 @@ def _print_result(result, store, model_chosen_by_defense: bool = False) -> None:
     console.print(escape(_utility_line(result)), highlight=False)
     console.print(
         f"{result.grad_evals} gradient evaluations; {result.wall_time_s:.1f} s; "
-        f"artifacts: {store.root / result.artifacts if result.artifacts else '-'}"
+        f"artifacts: {escape(str(store.root / result.artifacts)) if result.artifacts else '-'}", highlight=False
     )
 
 
@@ -205,7 +299,7 @@ def list_components(
                     value = getattr(entry.obj, attr, None)
                     if value is not None and not callable(value):
                         extra += f" [{attr}: {getattr(value, 'value', value)}]"
-                table.add_row(k, entry.name, entry.origin.describe(), escape(entry.description + extra))
+                table.add_row(k, escape(entry.name), escape(entry.origin.describe()), escape(entry.description + extra))
     except registry.RegistryError as exc:
         _fail_input(exc)
     console.print(table)
@@ -236,7 +330,8 @@ def runs(
         shown = "; ".join(f"{name} {_fmt(r.metrics[name])}" + (f" / {_fmt(r.metrics[f'baseline_{name}'])}"
                                                                 if f"baseline_{name}" in r.metrics else "")
                           for name in headline(r.metrics, r.info)[:3])
-        table.add_row(r.run_id, r.status, c["defense"], c["attack"], c["dataset"], c["model"], str(c["seed"]),
+        table.add_row(*(escape(str(v)) for v in (r.run_id, r.status, c["defense"], c["attack"], c["dataset"], c["model"],
+                                                  c["seed"])),
                       escape(shown), f"{r.wall_time_s:.1f}")
     console.print(table)
     counts = store.counts()
@@ -282,7 +377,7 @@ def score(
     reasons = []
     for report in reports:
         c = report.config
-        label = f"{c['defense']} x {c['attack']} / {c['dataset']} / {c['model']} {c['image_size']}px"
+        label = escape(f"{c['defense']} x {c['attack']} / {c['dataset']} / {c['model']} {c['image_size']}px")
         for entry in report.scores:
             sc, base = entry["score"], entry["baseline"]
             table.add_row(label, str(report.n_runs), escape(sc["name"]), str(sc["n"]), _fmt_set(sc),
@@ -291,7 +386,8 @@ def score(
                 reasons.append(f"{sc['name']}: {sc['reason']}")
         acc = (report.eval_classifier or {}).get("heldout_accuracy")
         console.print(f"{label}: evaluation classifier held-out accuracy {_fmt(acc)}; "
-                      f"per-run medians {', '.join(f'{k} {_fmt(v)}' for k, v in report.per_run_medians.items())}")
+                      f"per-run medians {escape(', '.join(f'{k} {_fmt(v)}' for k, v in report.per_run_medians.items()))}",
+                      highlight=False)
     console.print(table)
     for reason in dict.fromkeys(reasons):
         console.print(f"[yellow]n/a ({escape(reason)})[/]", highlight=False)
@@ -310,7 +406,7 @@ def _fmt_set(score: dict) -> str:
 
 @app.command()
 def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
-    """What is available here, offline: data, metric weights, optional libraries, threads, devices, store."""
+    """What is available here, offline: data, metric weights, libraries, threads, devices, store."""
     from privbench.doctor import collect
 
     report = collect()
@@ -326,7 +422,8 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the repor
                 table.add_row(*(escape(str(v)) for v in row.values()))
             console.print(table)
         else:
-            console.print(f"[bold]{section}[/]: " + ", ".join(f"{k} {v}" for k, v in rows.items()))
+            console.print(f"[bold]{escape(section)}[/]: " + escape(", ".join(f"{k} {v}" for k, v in rows.items())),
+                          highlight=False)
 
 
 weights_app = typer.Typer(help="Pretrained weights for perceptual metrics.", no_args_is_help=True)
@@ -340,7 +437,7 @@ def weights_list() -> None:
 
     table = Table("key", "file", "used by", "status")
     for row in weights_rows():
-        table.add_row(row["key"], row["file"], row["used by"], row["status"])
+        table.add_row(*(escape(str(row[k])) for k in ("key", "file", "used by", "status")))
     console.print(table)
 
 
@@ -356,12 +453,13 @@ def weights_fetch(
             _fail_input(registry.UnknownNameError("weights", key, list(weights.KNOWN)))
         try:
             path = weights.locate(key)
-            console.print(f"{key}: already present at {path}")
+            console.print(escape(f"{key}: already present at {path}"), highlight=False)
         except weights.WeightsMissing:
             try:
-                console.print(f"{key}: downloaded to {weights.fetch(key)}")
+                console.print(escape(f"{key}: downloaded to {weights.fetch(key)}"), highlight=False)
             except Exception as exc:  # network errors are the user's to see, with the file they were after
-                err_console.print(f"[red]{key}: download of {weights.KNOWN[key].url} failed: {exc}[/]")
+                err_console.print(f"[red]{escape(f'{key}: download of {weights.KNOWN[key].url} failed: {exc}')}[/]",
+                                  highlight=False)
                 raise typer.Exit(1) from None
 
 
@@ -413,7 +511,7 @@ def ledger_verify(
             continue
         if head is None or blocks is None:
             result = verify(path.read_bytes())
-            console.print(f"run {escape(source)} stored no ledger head for {name}: truncation cannot be detected",
+            console.print(f"run {escape(source)} stored no ledger head for {escape(name)}: truncation cannot be detected",
                           highlight=False)
         else:
             result = verify(path.read_bytes(), expected_head=head, expected_blocks=blocks)

@@ -1,4 +1,4 @@
-"""``bench doctor``: what this machine has, offline: datasets, metric weights, optional libraries,
+"""``bench doctor``: what this machine has, offline: datasets, metric weights, libraries,
 threads, devices and the results store. Reports; never fails on what is missing."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from privbench.metrics import weights
 from privbench.provenance import default_threads
 from privbench.store import default_store_path
 
-OPTIONAL_LIBRARIES = {
+LIBRARIES = {  # distribution -> what needs it (all but medmnist and scikit-image install with privbench)
     "lpips": "LPIPS metric",
     "pytorch-fid": "FID / KID (InceptionV3)",
     "scipy": "Frechet distance (matrix square root)",
@@ -20,8 +20,12 @@ OPTIONAL_LIBRARIES = {
     "opacus": "dp defense",
     "tenseal": "he defense (CKKS)",
     "phe": "he defense (Paillier)",
+    "gmpy2": "he defense (Paillier's big-integer arithmetic, about 3x faster)",
     "snntorch": "gascnn defense",
     "adversarial-robustness-toolbox": "shadow membership attack",
+    "scikit-learn": "shadow membership attack (ART's attack models)",
+    "pandas": "leaderboards and reports",
+    "seaborn": "report figures",
     "medmnist": "medmnist datasets (download)",
     "scikit-image": "tests (reference SSIM)",
 }
@@ -79,12 +83,15 @@ def shipped_rows() -> list[dict]:
 
 
 def library_rows() -> list[dict]:
+    from privbench.deps import REQUIREMENTS
+
     rows = []
-    for dist, purpose in OPTIONAL_LIBRARIES.items():
+    for dist, purpose in LIBRARIES.items():
         try:
             version = md.version(dist)
         except md.PackageNotFoundError:
-            version = "not installed"
+            requirement = next((r for r in REQUIREMENTS.values() if r.split(">")[0].split("<")[0] == dist), dist)
+            version = f"not installed: pip install '{requirement}'"
         rows.append({"library": dist, "version": version, "needed for": purpose})
     return rows
 
@@ -107,6 +114,6 @@ def collect() -> dict:
         "datasets": dataset_rows(),
         "weights in the torch hub cache": weights_rows(),
         "weights shipped in packages": shipped_rows(),
-        "optional libraries": library_rows(),
+        "libraries": library_rows(),
         "runtime": runtime(),
     }

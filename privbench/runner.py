@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from privbench import __version__, registry
+from privbench import __version__, registry, stages
 from privbench import config as configlib
 from privbench import datasets as datasetlib
 from privbench.config import RunConfig
@@ -137,9 +137,11 @@ def prepare(cfg: RunConfig, options: RunOptions, staging: Path, data_fingerprint
 
     seeds = cfg.derived_seeds()
     cache_dir = options.cache_dir or home() / "cache"
+    stages.begin(progress, "data")
     data = datasetlib.load(cfg.dataset, cfg.image_size, cfg.channels, root=options.data_root,
                            allow_download=options.allow_download, cache_dir=cache_dir / "datasets")
     parts = splitlib.make(data, cfg.split, seeds["split"])
+    stages.begin(progress, "setup")  # components, checks, a cached target; ends when training or observing starts
     info: dict[str, Any] = {"data": data.provenance, "splits": parts.describe()}
     defense_cls, attack_cls = registry.defenses.get(cfg.defense), registry.attacks.get(cfg.attack)
     defense = defense_cls(defense_cls.Params(**dict(cfg.defense_params)))
@@ -160,6 +162,7 @@ def prepare(cfg: RunConfig, options: RunOptions, staging: Path, data_fingerprint
     info["target"] = fitted.info
     if fitted.twin is not None:
         info["twin"] = fitted.twin_info
+    stages.begin(progress, "observation")
     if attack.surface in (Surface.GRADIENTS, Surface.SHARED_DATA):
         truth = observe.choose_victim(parts.members, cfg.victim_batch, seeds["victim"])
         info["victim_ids"] = list(truth.ids)
@@ -167,6 +170,7 @@ def prepare(cfg: RunConfig, options: RunOptions, staging: Path, data_fingerprint
     else:
         observation, truth = observe.membership_observation(defense, attack.surface, fitted.target, parts, ctx)
     info["observation"] = {"surface": observation.surface.value, **observation.notes}
+    stages.end(progress, "observation")
     return Prepared(attack, scorer, fitted, observation, truth, parts.auxiliary, info)
 
 
@@ -180,13 +184,13 @@ def execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pat
     result.metrics.update(prepared.fitted.metrics())
     result.costs.update(prepared.fitted.costs())
     attack = prepared.attack
-    attack_progress = (lambda done, total: progress("attack", done, total)) if progress else None
     t0 = time.perf_counter()
-    output = attack.run(prepared.observation, cfg.budget, attack_progress)
+    output = attack.run(prepared.observation, cfg.budget, stages.attack_progress(progress))
     result.costs["attack_time_s"] = time.perf_counter() - t0
     result.grad_evals = output.grad_evals
     result.info.update(attack=output.info, family=attack.family)
 
+    stages.begin(progress, "scoring")  # ends when the run returns
     context = ScoreContext(prepared.auxiliary, result.costs, staging, attack.surface, options.allow_download)
     scores = prepared.scorer.score(output, prepared.truth, context)
     result.metrics.update(scores.metrics)

@@ -63,6 +63,8 @@ def train_classifier(
     losses: list[float] = []
     start = time.perf_counter()
     model.train()
+    if progress:
+        progress(0, params.epochs)  # the stage starts now, not after its first epoch
     for epoch in range(params.epochs):
         order = torch.randperm(n, generator=generator)
         total, seen = 0.0, 0

@@ -109,7 +109,7 @@ def test_dp_bad_input_exits_2_and_stores_nothing(bench_home, monkeypatch):
 
 @pytest.mark.usefixtures("bench_home")
 def test_a_membership_run_prints_its_familys_metrics_in_run_and_runs(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal: rich wraps table cells to the width
+    monkeypatch.setattr(cli.console, "width", 250)  # a wide terminal: rich wraps table cells to the width
     args = ["run", "--attack", "loss-threshold", "--image-size", "16", "--defense-param", "epochs=1"]
     result = invoke(*args)
     assert result.exit_code == 0, result.output

@@ -267,7 +267,7 @@ def test_medmnist_missing_file(tmp_path: Path) -> None:
 
 def test_medmnist_download_without_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "medmnist", None)  # import fails even if it is installed
-    with pytest.raises(DatasetError, match="pip install medmnist"):
+    with pytest.raises(DatasetError, match=r"pip install 'medmnist>=3'"):
         datasets.load("medmnist:fakemnist", 28, 1, root=tmp_path, allow_download=True, cache_dir=tmp_path)
 
 

@@ -108,7 +108,7 @@ def test_epsilon_inf_is_accepted_and_means_no_noise():
 def test_missing_opacus_is_a_config_error_saying_what_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "opacus" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"pip install 'privbench\[dp\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'opacus>=1\.5'"):
         DPSGD(DPParams())
 
 

@@ -391,7 +391,7 @@ def test_seal_rejected_parameters_are_config_errors():
 def test_missing_tenseal_says_what_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tenseal" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"pip install 'privbench\[he\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'tenseal>=0\.3'"):
         HomomorphicFedAvg(HEParams())
 
 

@@ -16,7 +16,25 @@ if TYPE_CHECKING:
 
 Family = Literal["reconstruction", "class_inversion", "membership"]
 Progress = Callable[[int, int], None]  # (done, total) in the attack's own units
-__all__ = ["Attack", "AttackError", "AttackOutput", "Family", "Progress", "UnsupportedPair"]
+__all__ = ["Attack", "AttackError", "AttackOutput", "Family", "Progress", "UnsupportedPair", "substage"]
+
+
+def substage(progress: Progress | None, name: str, offset: int = 0, total: int | None = None) -> Progress | None:
+    """The progress of one named part of an attack (a restart, the shadow models).
+
+    Where the caller's ``progress`` shows stages (the runner's has ``sub``), the part is a stage of its
+    own, ``"attack: <name>"``, counting its own (done, total). Otherwise the part reports into
+    ``progress`` itself, at ``offset + done`` of ``total`` (e.g. restart r of R with S steps each:
+    ``offset=r * S, total=R * S``; without ``total``, unshifted).
+    """
+    if progress is None:
+        return None
+    sub = getattr(progress, "sub", None)
+    if callable(sub):
+        return sub(name)
+    if total is None:
+        return progress
+    return lambda done, _total: progress(offset + done, total)
 
 
 @dataclass

@@ -48,7 +48,7 @@ import torch
 from torch.nn import functional as F
 
 from privbench import morphing, registry
-from privbench.attacks.base import Attack, AttackOutput, Progress
+from privbench.attacks.base import Attack, AttackOutput, Progress, substage
 from privbench.config import Budget
 from privbench.threat import AttackError, GradientUpdate, Observation, Surface, UpdateRule
 
@@ -194,7 +194,8 @@ class GradientInversion(Attack):
         runs = []
         total_evals = 0
         for restart in range(p.restarts):
-            images, label_logits, evals = self._invert(update, fixed_labels, generator, per_restart, progress, restart)
+            part = substage(progress, f"restart {restart + 1}/{p.restarts}", restart * p.steps, p.restarts * p.steps)
+            images, label_logits, evals = self._invert(update, fixed_labels, generator, per_restart, part)
             total_evals += evals
             labels = fixed_labels if fixed_labels is not None else label_logits.argmax(1)
             distance = self._final_distance(update, images, labels if label_logits is None else label_logits)
@@ -252,7 +253,7 @@ class GradientInversion(Attack):
             return torch.rand(shape, generator=generator)
         return torch.full(shape, 0.5)
 
-    def _invert(self, update, fixed_labels, generator, max_evals, progress, restart):
+    def _invert(self, update, fixed_labels, generator, max_evals, progress):
         p = self.params
         model = update.model
         params = [q for q in model.parameters() if q.requires_grad]
@@ -310,8 +311,8 @@ class GradientInversion(Attack):
                         x.clamp_(0, 1)
                 if scheduler is not None:
                     scheduler.step()
-                if progress and step % 10 == 0:
-                    progress(restart * p.steps + step + 1, p.restarts * p.steps)
+                if progress and (step % 10 == 0 or step == p.steps - 1):
+                    progress(step + 1, p.steps)
                 if p.optimizer == "lbfgs":
                     # L-BFGS returns the same value once it can make no progress: stop spending evaluations.
                     if previous is not None and value == previous or not torch.isfinite(value):

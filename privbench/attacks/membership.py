@@ -31,8 +31,9 @@ import torch
 from torch.nn import functional as F
 
 from privbench import registry
-from privbench.attacks.base import Attack, AttackError, AttackOutput, Progress
+from privbench.attacks.base import Attack, AttackError, AttackOutput, Progress, substage
 from privbench.config import Budget, ConfigError
+from privbench.deps import require
 from privbench.threat import AttackSetting, Observation, Surface, UnsupportedPair
 
 
@@ -117,6 +118,7 @@ class ShadowModels(MembershipAttack):
     description = "Shadow models (Shokri et al. 2017) trained through the target's defense, ART black-box attack model."
 
     def check_setting(self, setting: AttackSetting) -> None:
+        _require_art()
         self._per_shadow(setting.n_auxiliary)
 
     def _per_shadow(self, n_auxiliary: int) -> int:
@@ -145,11 +147,15 @@ class ShadowModels(MembershipAttack):
                 f"shadow: {p.shadows} shadows through this defense are estimated at {estimate:.0f} s, over the "
                 f"shadow budget of {p.shadow_budget_s:.0f} s (raise shadow_budget_s or use fewer shadows)"
             )
+        _require_art()
         from art.attacks.inference.membership_inference import MembershipInferenceBlackBox
         from art.estimators.classification import PyTorchClassifier
 
         order = np.random.default_rng(self.seed).permutation(len(aux))
         preds_in, preds_out, y_in, y_out, first = [], [], [], [], None
+        shadow_progress = substage(progress, "shadow models")
+        if shadow_progress:
+            shadow_progress(0, p.shadows)
         for s in range(p.shadows):
             part = order[s * per_shadow : (s + 1) * per_shadow]
             inside, outside = aux.subset(part[: per_shadow // 2]), aux.subset(part[per_shadow // 2 :])
@@ -160,8 +166,10 @@ class ShadowModels(MembershipAttack):
                 preds_out.append(F.softmax(model(outside.images), 1).numpy())
             y_in.append(inside.labels.numpy())
             y_out.append(outside.labels.numpy())
-            if progress:
-                progress(s + 1, p.shadows)
+            if shadow_progress:
+                shadow_progress(s + 1, p.shadows)
+        if model_progress := substage(progress, "attack model"):
+            model_progress(0, 1)  # ended by the scoring stage
         k = cand.num_classes
         estimator = PyTorchClassifier(first, loss=torch.nn.CrossEntropyLoss(), input_shape=cand.image_shape, nb_classes=k)
         art = MembershipInferenceBlackBox(estimator, input_type="prediction", attack_model_type=p.attack_model)
@@ -177,6 +185,12 @@ class ShadowModels(MembershipAttack):
                   "attack_model": f"ART MembershipInferenceBlackBox({p.attack_model})",
                   "data": "shadow data (auxiliary) disjoint from the candidates"},
         )
+
+
+def _require_art() -> None:
+    """ART and the scikit-learn attack models it fits, checked before anything is trained."""
+    require("art", "the shadow attack (ART's black-box membership attack)")
+    require("sklearn", "the shadow attack (ART's attack models)")
 
 
 def balanced_inclusion(pool: int, size: int, shadows: int, generator: torch.Generator) -> torch.Tensor:
@@ -279,7 +293,7 @@ class LiRA(MembershipAttack):
         inside = balanced_inclusion(len(pool_images), size, p.shadows, torch.Generator().manual_seed(self.seed))
         recipe = observation.notes.get("training_recipe")
         ensemble = train_shadow_ensemble(observation, pool_images, pool_labels, inside, recipe, self.seed,
-                                         vectorized=p.vectorized, progress=progress)
+                                         vectorized=p.vectorized, progress=substage(progress, "shadow models"))
         views = [cand.images, cand.images.flip(-1)] if p.augment else [cand.images]
         per_view = []
         for view in views:

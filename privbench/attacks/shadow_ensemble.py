@@ -249,6 +249,9 @@ def train_shadow_ensemble(observation, images, labels, inside, recipe: dict | No
 
         raise AttackError("the defense exposes neither a training recipe nor a pipeline to train shadows with")
     start = time.perf_counter()
-    models = [observation.shadow_trainer(_subset(images, labels, inside[s]), seed + s).eval()
-              for s in range(inside.shape[0])]
+    models = []
+    for s in range(inside.shape[0]):  # one tick per shadow trained through the defense
+        models.append(observation.shadow_trainer(_subset(images, labels, inside[s]), seed + s).eval())
+        if progress:
+            progress(s + 1, inside.shape[0])
     return ShadowEnsemble(models, None, "one after another through the defense pipeline", time.perf_counter() - start)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from privbench.cache import atomic_write
+from privbench.cache import atomic_write, note
 
 PREPROCESS_VERSION = 1
 """Bump when decoding/resizing changes, so old cache files are not reused."""
@@ -63,6 +63,7 @@ def cache_path(
 def read(path: Path) -> CachedArrays | None:
     """The cached arrays, or None if absent; a corrupt file is deleted (with a warning) -> None."""
     if not path.is_file():
+        log.debug("cache miss: %s", path)
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -78,6 +79,7 @@ def read(path: Path) -> CachedArrays | None:
         log.warning("dataset cache file %s is unreadable (%s); deleting and rebuilding it", path, exc)
         path.unlink(missing_ok=True)
         return None
+    note("hit", path)
     return arrays
 
 

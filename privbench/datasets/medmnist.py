@@ -135,10 +135,12 @@ def _best(sizes: tuple[int, ...], image_size: int) -> int:
 
 
 def _missing(flag: str, folder: Path) -> DatasetError:
+    from privbench.deps import install_command
+
     paths = ", ".join(str(_file(flag, folder, s)) for s in SIZES)
     return DatasetError(
         f"medmnist:{flag}: no data file found; looked for {paths}. Download it with --allow-download "
-        f"(needs 'pip install medmnist'), or place the official {flag}.npz in {folder} "
+        f"(needs the medmnist package: {install_command('medmnist')}), or place the official {flag}.npz in {folder} "
         f"(or pass --data-root <folder holding it>)."
     )
 
@@ -214,9 +216,11 @@ def _download(flag: str, folder: Path, size: int) -> None:
     try:
         import medmnist
     except ImportError as exc:
+        from privbench.deps import install_command
+
         raise DatasetError(
-            f"medmnist:{flag}: downloading needs the medmnist package: run 'pip install medmnist', "
-            f"or place {_file(flag, folder, size).name} in {folder} yourself."
+            f"medmnist:{flag}: downloading needs the medmnist package (install it with: "
+            f"{install_command('medmnist')}), or place {_file(flag, folder, size).name} in {folder} yourself."
         ) from exc
     info = medmnist.INFO.get(flag)
     if info is None:

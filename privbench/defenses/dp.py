@@ -28,7 +28,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import importlib.util
 import math
 import time
 import warnings
@@ -51,6 +50,7 @@ from privbench.defenses.base import (
     model_at_round,
     released_model_observation,
 )
+from privbench.deps import require
 from privbench.threat import Observation, Surface, UpdateRule, Victim
 from privbench.training import TrainParams, accuracy, make_optimizer
 
@@ -320,8 +320,7 @@ class DPSGD(Defense):
         return fix_model(model)[0]
 
     def __init__(self, params: DPParams):
-        if importlib.util.find_spec("opacus") is None:  # checked without importing it
-            raise ConfigError("the dp defense needs Opacus: pip install 'privbench[dp]' (opacus>=1.5)")
+        require("opacus", "the dp defense")  # checked without importing it
         super().__init__(params)
 
     def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:

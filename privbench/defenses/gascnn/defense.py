@@ -62,6 +62,7 @@ from privbench.defenses.gascnn.snn import (
     teacher_network,
 )
 from privbench.defenses.gascnn.synthesis import SynthesisParams, synthesize, train_generator
+from privbench.deps import require
 from privbench.threat import Observation, Surface, Victim
 from privbench.training import TrainParams, accuracy
 
@@ -251,8 +252,7 @@ class GASCNN(Defense):
     stochastic = True  # with encoding=poisson
 
     def __init__(self, params: GASCNNParams):
-        if importlib_missing("snntorch"):
-            raise ConfigError("the gascnn defense needs snntorch: pip install 'privbench[snn]'")
+        require("snntorch", "the gascnn defense")
         super().__init__(params)
 
     def identity(self) -> dict[str, Any]:
@@ -457,10 +457,3 @@ class GASCNN(Defense):
             encoder="Poisson samples of the attacker's copy differ from the client's" if self.params.encoding == "poisson"
             else "direct (deterministic)",
         )
-
-
-def importlib_missing(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is None
-

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import math
 import time
 from dataclasses import dataclass
@@ -67,7 +66,6 @@ from privbench.defenses.he.protocol import (
     unflatten,
 )
 from privbench.defenses.he.schemes import (
-    INSTALL_HINT,
     CKKSKeys,
     CKKSSettings,
     KeyHolderScheme,
@@ -75,6 +73,7 @@ from privbench.defenses.he.schemes import (
     PaillierSettings,
     PlainKeys,
 )
+from privbench.deps import require
 from privbench.threat import GradientUpdate, Observation, Surface, Victim
 from privbench.training import accuracy
 
@@ -207,8 +206,8 @@ class HomomorphicFedAvg(Defense):
 
     def __init__(self, params: HEParams):
         needed = {"ckks": "tenseal", "paillier": "phe"}.get(params.scheme)
-        if needed and importlib.util.find_spec(needed) is None:
-            raise ConfigError(f"he scheme={params.scheme} needs {needed}: {INSTALL_HINT}")
+        if needed:
+            require(needed, f"the he defense with scheme={params.scheme}")
         super().__init__(params)
 
     def identity(self) -> dict[str, Any]:

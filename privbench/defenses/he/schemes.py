@@ -33,8 +33,7 @@ from typing import Any
 import numpy as np
 
 from privbench.config import ConfigError
-
-INSTALL_HINT = "pip install 'privbench[he]'"
+from privbench.deps import MissingLibrary
 
 
 class HERangeError(ConfigError):
@@ -51,7 +50,7 @@ def _require(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ConfigError(f"the he defense needs {module}: {INSTALL_HINT} (tenseal>=0.3, phe>=1.5)") from exc
+        raise MissingLibrary(module, "the he defense") from exc
 
 
 @dataclass(frozen=True)
