@@ -341,7 +341,10 @@ class GASCNN(Defense):
         encoder_seed = derive_seed(seed, "gascnn-encoder")
         candidates = (p.percentile,) if p.percentile else PERCENTILE_CANDIDATES
         selection = {}
-        for percentile in candidates:
+        tick = progress("conversion: threshold search")
+        for done, percentile in enumerate(candidates):
+            if tick:
+                tick(done, len(candidates) + 1)
             snn = spiking_twin(teacher, balanced_thresholds(teacher, train_x, percentile), p.timesteps,
                                 p.encoding, p.surrogate_slope, seed=encoder_seed)
             selection[percentile] = snn_accuracy(snn, val_x, val_y, p.timesteps, p.encoding)
@@ -349,6 +352,8 @@ class GASCNN(Defense):
         converted = spiking_twin(teacher, balanced_thresholds(teacher, train_x, chosen), p.timesteps, p.encoding,
                                   p.surrogate_slope, seed=encoder_seed)
         stage_times["conversion_s"] = time.perf_counter() - t0
+        if tick:
+            tick(len(candidates) + 1, len(candidates) + 1)
 
         key4 = {**key2, "percentile": chosen, "snn": {f: getattr(p, f) for f in (
             "validation_fraction", "encoding", "timesteps", "finetune_epochs", "finetune_lr", "finetune_batch_size",
@@ -370,10 +375,17 @@ class GASCNN(Defense):
         t0 = time.perf_counter()
         nonmembers = ctx.nonmembers
         teacher_accuracy = accuracy(teacher, nonmembers)
+        evaluation = progress("evaluation: accuracy and energy")
+        if evaluation:
+            evaluation(0, 2)
         curve, energy = self._curve(teacher, converted, released, nonmembers, c)
+        if evaluation:
+            evaluation(1, 2)
         stage_times["evaluation_s"] = time.perf_counter() - t0
         release = SpikeRecord()  # the released SNN's operations, counted on the pass that measures its accuracy
         snn_acc = snn_accuracy(released, nonmembers.images, nonmembers.labels, p.timesteps, p.encoding, record=release)
+        if evaluation:
+            evaluation(2, 2)
         ann_pj, ann_ops = ann_energy_pj(teacher, nonmembers.image_shape)
         snn_pj, synaptic_pj = release.energy_pj(), release.synaptic_energy_pj()
         costs = {
