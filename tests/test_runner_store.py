@@ -126,7 +126,7 @@ def test_attack_never_receives_the_victims_images(store, monkeypatch):
 def test_store_round_trip(store):
     original = RunResult(
         run_id="r1", created_at="2026-01-01T00:00:00", status="ok",
-        config=RunConfig().to_dict(), config_hash="h", cache_key="c", request_key="q", privbench_version="0",
+        config=RunConfig(model="lenet").to_dict(), config_hash="h", cache_key="c", request_key="q", privbench_version="0",
         metrics={"psnr": float("inf"), "ssim": 0.5, "lpips": None}, costs={"t": 1.0}, info={"a": [1, 2]},
         wall_time_s=1.5, grad_evals=3,
     )

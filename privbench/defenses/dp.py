@@ -309,12 +309,10 @@ class DPSGD(Defense):
     )
     protects = frozenset({Surface.GRADIENTS, Surface.MODEL_WHITEBOX, Surface.MODEL_QUERIES})
     stochastic = True
-    # The built-in models Opacus trains with per-sample gradients after ModuleValidator.fix (BatchNorm ->
-    # GroupNorm in resnet and vgg); a model Opacus cannot train is refused by fix_model at fit time as well.
-    models = ("lenet", "convnet", "resnet", "vgg", "capsnet")
+    # Any model: Opacus's own validators decide, after ModuleValidator.fix (BatchNorm -> GroupNorm in resnet and
+    # vgg), and fix_model refuses one it cannot train with per-sample gradients before anything is trained.
+    models = None
     default_model = "lenet"
-    models_reason = ("Opacus must compute a per-example gradient for every layer, and it supports the built-in "
-                     "models lenet, convnet, resnet, vgg and capsnet only")
 
     def released_architecture(self, model: nn.Module) -> nn.Module:
         return fix_model(model)[0]
