@@ -127,27 +127,34 @@ def label_loss(logits: torch.Tensor, labels_or_logits: torch.Tensor) -> torch.Te
 
 def dummy_update(model: torch.nn.Module, params: list[torch.Tensor], inputs: torch.Tensor,
                  labels_or_logits: torch.Tensor, rule: UpdateRule, create_graph: bool = True) -> tuple[torch.Tensor, ...]:
-    """The update ``rule`` forms for ``inputs`` [B, ...] under ``model``: what the client would share, noise aside.
+    """What ``rule`` makes of ``inputs`` [B, ...] under ``model``, noise aside, in the scale of a mean gradient.
 
     Plain mean: one backward pass. With clipping: one backward per example (B is small), each
-    example's gradient scaled by min(1, C / (|g|_2 + 1e-6)) as Opacus does, summed, divided by
-    ``rule.divisor`` (default B).
+    example's gradient scaled by min(1, C / (|g|_2 + 1e-6)) as Opacus does, then averaged. The
+    rule's divisor is left out here and undone on the shared update instead (``mean_scale``), so
+    the objective keeps the magnitude of a plain gradient match (an update divided by E = 64 would
+    otherwise make an L2 objective E^2 times smaller, below the optimiser's tolerances).
     """
-    batch = len(inputs)
-    divisor = float(batch if rule.divisor is None else rule.divisor)
     if rule.clip_norm is None:
         loss = label_loss(model(inputs), labels_or_logits)
-        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
-        return grads if rule.divisor is None else tuple(g * (batch / divisor) for g in grads)
+        return torch.autograd.grad(loss, params, create_graph=create_graph)
     total = None
-    for i in range(batch):
+    for i in range(len(inputs)):
         loss = label_loss(model(inputs[i : i + 1]), labels_or_logits[i : i + 1])
         grads = torch.autograd.grad(loss, params, create_graph=create_graph)
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         factor = (rule.clip_norm / (norm + 1e-6)).clamp(max=1.0)
         scaled = [g * factor for g in grads]
         total = scaled if total is None else [t + g for t, g in zip(total, scaled, strict=True)]
-    return tuple(t / divisor for t in total)
+    return tuple(t / len(inputs) for t in total)
+
+
+def mean_scale(update: GradientUpdate) -> tuple[torch.Tensor, ...]:
+    """The shared update with its public divisor replaced by the batch size: comparable to ``dummy_update``."""
+    gradients = tuple(g.detach() for g in update.gradients)
+    if update.rule.divisor is None:
+        return gradients
+    return tuple(g * (update.rule.divisor / update.batch_size) for g in gradients)
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -257,7 +264,7 @@ class GradientInversion(Attack):
         p = self.params
         model = update.model
         params = [q for q in model.parameters() if q.requires_grad]
-        target = tuple(g.detach() for g in update.gradients)
+        target = mean_scale(update)
         distance_fn = DISTANCES[p.distance]
         shape = (update.batch_size, *update.input_shape)
         image_input = update.morphed is None  # image priors (box, TV) only where the input is an image
@@ -330,7 +337,7 @@ class GradientInversion(Attack):
         value = 0.0
         for _ in range(self.params.eot_samples):
             dummy = dummy_update(model, params, images, labels_or_logits, update.rule, create_graph=False)
-            value += float(DISTANCES[self.params.distance](dummy, tuple(update.gradients))) / self.params.eot_samples
+            value += float(DISTANCES[self.params.distance](dummy, mean_scale(update))) / self.params.eot_samples
         return value if value == value else float("inf")
 
 
