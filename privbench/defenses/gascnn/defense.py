@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 # a shorter synthesis, one threshold percentile, one spike-learning epoch, no accuracy-vs-T curve. ``reference``
 # is the paper-faithful setting the reference suite uses. Any of them can still be set explicitly.
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {"synthesis_steps": 200, "synthetic_size": 1000, "timesteps": 8, "percentile": 99.9,
+    "quick": {"synthesis_steps": 200, "synthetic_size": 1000, "timesteps": 16, "percentile": 99.9,
               "finetune_epochs": 1, "curve": "", "curve_images": 500},
     "reference": {"synthesis_steps": 800, "synthetic_size": 4000, "timesteps": 16, "percentile": 0.0,
                   "finetune_epochs": 2, "curve": "4,8,16,32,64", "curve_images": 500},
