@@ -160,6 +160,14 @@ class SpikingNetwork(nn.Module):
     generator: torch.Generator
     record: "SpikeRecord | None"
 
+    def _start(self, images: torch.Tensor, timesteps: int | None) -> int:
+        """The number of steps of this pass (``timesteps`` or the network's own); registers it with the record."""
+        steps = timesteps or self.timesteps
+        if self.record is not None:
+            self.record.images += len(images)
+            self.record.steps = steps
+        return steps
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.encoding == "direct":
             return images
@@ -220,12 +228,9 @@ class SpikingResNet(SpikingNetwork):
         return out
 
     def forward(self, images: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
-        steps = timesteps or self.timesteps
+        steps = self._start(images, timesteps)
         mem: dict[str, torch.Tensor] = {}
         total = 0.0
-        if self.record is not None:
-            self.record.images += len(images)
-            self.record.steps = steps
         for _ in range(steps):
             x = self.encode(images)
             self._count("stem", self.stem, x, analog=self.encoding == "direct")
@@ -295,12 +300,9 @@ class SpikingSequential(SpikingNetwork):
         return [float(n.threshold) for n in self.neurons]
 
     def forward(self, images: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
-        steps = timesteps or self.timesteps
+        steps = self._start(images, timesteps)
         mem: dict[str, torch.Tensor] = {}
         total = 0.0
-        if self.record is not None:
-            self.record.images += len(images)
-            self.record.steps = steps
         last = len(self.plan) - 1
         for _ in range(steps):
             x = self.encode(images)
