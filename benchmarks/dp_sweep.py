@@ -66,8 +66,8 @@ def _median(rows, get) -> float:
 
 
 def _grid_label(spec: dict[str, Any], config: RunConfig) -> str:
-    varied = [k for d in spec["defenses"] for k in d.get("grid", {})]
     params = dict(config.defense_params)
+    varied = [k for d in spec["defenses"] for k in d.get("grid", {}) if k in params]  # a defense without the grid key
     return " ".join(f"{k}={params[k]:g}" if isinstance(params[k], float) else f"{k}={params[k]}" for k in varied)
 
 
@@ -185,7 +185,7 @@ def main() -> None:
     widths = (14, 22, 5, 7, 7, 9, 10, 9, 7, 8)
     print("  ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
     for r in table:
-        row = (r["params"], r["attack"], f"{r['ok']}/{r['runs']}", f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
+        row = (r["params"] or r["defense"], r["attack"], f"{r['ok']}/{r['runs']}", f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
                f"{r['baseline_psnr']:.2f}", f"{r['noise_multiplier']:.4g}", f"{r['epsilon_spent']:.4g}",
                f"{r['target_accuracy']:.4f}", f"{r['twin_accuracy']:.4f}")
         print("  ".join(f"{c:>{w}}" for c, w in zip(row, widths, strict=True)) + f"   PSNR per seed {r['psnr_all']}")
