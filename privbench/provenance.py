@@ -9,8 +9,12 @@ import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from privbench import __version__
+
+if TYPE_CHECKING:
+    from privbench.config import RunConfig
 
 THREADS_ENV = "PRIVBENCH_THREADS"
 
@@ -81,4 +85,17 @@ def versions(plugins: dict[str, str] | None = None) -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     out.update(plugins or {})
+    return out
+
+
+def plugin_versions(config: "RunConfig") -> dict[str, str]:
+    """Versions of the distributions any named plugin component came from."""
+    from privbench import registry
+
+    out = {}
+    for reg, name in ((registry.defenses, config.defense), (registry.attacks, config.attack),
+                      (registry.models, config.model), (registry.datasets, config.dataset.split(":", 1)[0])):
+        origin = reg.entry(name).origin
+        if origin.source == "plugin" and origin.distribution:
+            out[f"plugin:{origin.distribution}"] = origin.version or "?"
     return out

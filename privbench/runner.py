@@ -23,15 +23,21 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from privbench import __version__, registry, stages
 from privbench import config as configlib
 from privbench import datasets as datasetlib
 from privbench.config import RunConfig
-from privbench.provenance import configure_threads, git_commit, versions
+from privbench.provenance import configure_threads, git_commit, plugin_versions, versions
 from privbench.store import RunResult, Store, home
-from privbench.threat import AttackError, AttackSetting, Surface
+from privbench.threat import AttackError, AttackSetting, MembershipTruth, Observation, Surface, Victim
+
+if TYPE_CHECKING:
+    from privbench.attacks.base import Attack
+    from privbench.datasets import ImageDataset
+    from privbench.metrics.family import FamilyScorer
+    from privbench.targets import FittedTargets
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 INPUT_ERRORS = (configlib.ConfigError, datasetlib.DatasetError, registry.RegistryError)
@@ -102,28 +108,17 @@ def new_result(config: RunConfig, resolved: RunConfig, options: RunOptions) -> R
     return result
 
 
-def plugin_versions(config: RunConfig) -> dict[str, str]:
-    """Versions of the distributions any named plugin component came from."""
-    out = {}
-    for reg, name in ((registry.defenses, config.defense), (registry.attacks, config.attack),
-                      (registry.models, config.model), (registry.datasets, config.dataset.split(":", 1)[0])):
-        origin = reg.entry(name).origin
-        if origin.source == "plugin" and origin.distribution:
-            out[f"plugin:{origin.distribution}"] = origin.version or "?"
-    return out
-
-
 @dataclass
 class Prepared:
     """A run up to the attack: the attack and its family's scorer, the fitted targets, the observation, the
     truth kept for scoring (``Victim`` or ``MembershipTruth``), the auxiliary split and the row info."""
 
-    attack: Any
-    scorer: Any
-    fitted: Any
-    observation: Any
-    truth: Any
-    auxiliary: Any
+    attack: "Attack"
+    scorer: "FamilyScorer"
+    fitted: "FittedTargets"
+    observation: Observation
+    truth: "Victim | MembershipTruth"
+    auxiliary: "ImageDataset"
     info: dict[str, Any]
 
 
