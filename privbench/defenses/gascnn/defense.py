@@ -214,6 +214,8 @@ def spike_learning(snn: SpikingNetwork, teacher: nn.Module, images: torch.Tensor
     rng = torch.Generator().manual_seed(seed)
     losses = []
     snn.train()
+    if progress:
+        progress(0, p.finetune_epochs)
     for epoch in range(p.finetune_epochs):
         order = torch.randperm(len(images), generator=rng)
         total = 0.0
