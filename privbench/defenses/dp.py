@@ -260,6 +260,8 @@ def train_dp(
     batch_sizes: list[int] = []
     start = time.perf_counter()
     gsm.train()
+    if progress:
+        progress(0, params.epochs)
     for epoch in range(params.epochs):
         total, seen = 0.0, 0
         for x, y in dp_loader:
