@@ -240,6 +240,8 @@ class HomomorphicFedAvg(Defense):
         stats = []
         start = time.perf_counter()
         model.train()
+        if ctx.progress:
+            ctx.progress("train (federated rounds)", 0, p.rounds)
         for t in range(p.rounds):
             batches, examples = [], []
             for sampler in samplers:
@@ -248,7 +250,7 @@ class HomomorphicFedAvg(Defense):
                 examples.append(len(set(np.concatenate(steps).tolist())))
             stats.append(protocol.round(t, batches, examples))
             if ctx.progress:
-                ctx.progress("train (federated)", t + 1, p.rounds)
+                ctx.progress("train (federated rounds)", t + 1, p.rounds)
         protocol.release(p.rounds)
         train_time = time.perf_counter() - start
         model.eval()
