@@ -56,7 +56,7 @@ class RunOptions:
 
 def lookup(config: RunConfig, store: Store, options: RunOptions, resolved: RunConfig | None = None) -> RunResult | None:
     """A stored ok result for ``config`` as requested (found without importing torch), or as ``resolved``."""
-    fingerprint = datasetlib.fingerprint(config.dataset, options.data_root)
+    fingerprint = datasetlib.fingerprint(config.dataset, options.data_root, config.image_size, options.allow_download)
     hit = store.find_ok(request_key=config.cache_key(fingerprint))
     if hit is None and resolved is not None:
         hit = store.find_ok(cache_key=resolved.cache_key(fingerprint))
@@ -91,7 +91,7 @@ def run(config: RunConfig, store: Store, options: RunOptions = RunOptions(), pro
 
 def new_result(config: RunConfig, resolved: RunConfig, options: RunOptions) -> RunResult:
     """An empty ``ok`` row for ``resolved``, with its keys, seeds, versions and provenance."""
-    fingerprint = datasetlib.fingerprint(config.dataset, options.data_root)
+    fingerprint = datasetlib.fingerprint(config.dataset, options.data_root, config.image_size, options.allow_download)
     now = dt.datetime.now(dt.timezone.utc)
     result = RunResult(
         run_id=now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8],

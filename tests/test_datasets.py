@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from privbench import datasets
+from privbench.config import RunConfig
 from privbench.datasets import DatasetError, ImageDataset, cache, imagefolder, splits, synthetic
 from privbench.datasets.splits import SplitSpec
 
@@ -493,3 +494,22 @@ def test_real_brain_tumor_mri(tmp_path: Path) -> None:
     assert d["exact_duplicates_removed"] == 426 and removed < 2000
     ids = s.members.ids + s.nonmembers.ids + s.auxiliary.ids
     assert len(set(ids)) == len(ids) == d["images_after"]
+
+
+def test_a_run_with_allow_download_fetches_the_data_before_keying_the_run(tmp_path: Path, monkeypatch) -> None:
+    """The data's fingerprint is part of every run key: with --allow-download the files are fetched first."""
+    from privbench.datasets import medmnist as medmnist_source
+    from privbench.runner import RunOptions, lookup
+    from privbench.store import Store
+
+    folder = tmp_path / "mm"
+    fetched = []
+
+    def fake_download(flag, target, size):
+        fetched.append(flag)
+        _fake_medmnist(target / f"{flag}.npz")
+
+    monkeypatch.setattr(medmnist_source, "_download", fake_download)
+    config = RunConfig(dataset="medmnist:fakemnist", image_size=16)
+    assert lookup(config, Store(tmp_path / "store.sqlite"), RunOptions(data_root=str(folder), allow_download=True)) is None
+    assert fetched == ["fakemnist"] and (folder / "fakemnist.npz").is_file()

@@ -34,9 +34,13 @@ def source(name: str) -> DatasetSource:
     return obj() if isinstance(obj, type) else obj
 
 
-def fingerprint(name: str, root: str | Path | None = None) -> str:
-    """Cheap identity of the source data (no torch import, no image decoding)."""
+def fingerprint(name: str, root: str | Path | None = None, image_size: int | None = None,
+                allow_download: bool = False) -> str:
+    """Cheap identity of the source data (no torch import, no image decoding). With ``allow_download``
+    the source's files (at ``image_size`` where sizes differ) are downloaded first if missing."""
     _, arg = parse_name(name)
+    if allow_download:
+        source(name).prepare(arg, _path(root), image_size, True)
     return source(name).fingerprint(arg, _path(root))
 
 
