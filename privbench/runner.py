@@ -9,15 +9,17 @@
 7. one row in the store.
 
 Input errors (unknown names, bad parameters, missing data, a setting the attack cannot support)
-raise before anything is computed and store nothing. Errors while computing are stored as a failed
-row with the traceback; an attack that cannot run on what the defense exposes is stored as
-``unsupported``. Ctrl-C stores nothing.
+raise before anything is computed and store nothing. So does a store that could not take the result
+(``Store.check_writable``: read-only, too little free space, a foreign schema), checked before the run
+computes; staging folders left by earlier processes are imported or removed then (``Store.recover``).
+Errors while computing are stored as a failed row with the traceback; an attack that cannot run on
+what the defense exposes is stored as ``unsupported``. Ctrl-C stores nothing. If the final write
+fails all the same, ``ResultNotStored`` says where the finished result is kept (``bench import``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import time
 import traceback
 import uuid
@@ -29,7 +31,7 @@ from privbench import __version__, registry, stages
 from privbench import config as configlib
 from privbench import datasets as datasetlib
 from privbench.config import RunConfig
-from privbench.provenance import configure_threads, git_commit, versions
+from privbench.provenance import configure_threads, git_commit, resolve_threads, versions
 from privbench.store import RunResult, Store, home
 from privbench.threat import AttackError, AttackSetting, Surface
 
@@ -61,26 +63,35 @@ def lookup(config: RunConfig, store: Store, options: RunOptions, resolved: RunCo
 
 def run(config: RunConfig, store: Store, options: RunOptions = RunOptions(), progress: ProgressFn | None = None
         ) -> RunResult:
-    """Return the stored result for ``config``, or compute, store and return it."""
+    """Return the stored result for ``config``, or compute, store and return it.
+
+    Raises:
+        ConfigError, DatasetError, RegistryError: bad input (nothing computed or stored).
+        StoreError: the store cannot take a result (checked before computing).
+        ResultNotStored: the run finished but the final write failed; the result is kept on disk.
+    """
+    resolve_threads(options.threads)  # a bad --threads or $PRIVBENCH_THREADS is an input error, found first
+    store.recover()  # results that earlier processes kept are stored first, so the lookup can find them
     if not options.force and (hit := lookup(config, store, options)):
         return hit
     resolved = configlib.resolve(config)
     if not options.force and (hit := lookup(config, store, options, resolved)):
         return hit
+    store.check_writable()
     result = new_result(config, resolved, options)
     staging = store.staging_dir(result.run_id)
     start = time.perf_counter()
     try:
         execute(resolved, options, result, staging, progress)
     except (*INPUT_ERRORS, KeyboardInterrupt):
-        shutil.rmtree(staging, ignore_errors=True)  # bad input or Ctrl-C: nothing is stored
+        store.release(staging, remove=True)  # bad input or Ctrl-C: nothing is stored
         raise
     except Exception as exc:
         result.status = "unsupported" if isinstance(exc, AttackError) else "failed"
         result.error = f"{type(exc).__name__}: {exc}"
         result.traceback = traceback.format_exc()
     result.wall_time_s = time.perf_counter() - start
-    return store.record(result, staging)
+    return store.record(result, staging, replace=options.force)
 
 
 def new_result(config: RunConfig, resolved: RunConfig, options: RunOptions) -> RunResult:
