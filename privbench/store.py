@@ -479,8 +479,11 @@ class Store:
         """A scratch folder for a run's artifacts, locked while this process lives; ``record`` moves it into place."""
         path = self.artifacts_root / f".staging-{run_id}"
         shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        lock = _try_lock(path)
+        # locked before it gets its name, so another process's recover() never sees it unlocked
+        fresh = self.artifacts_root / f".new-{run_id}"
+        fresh.mkdir(parents=True)
+        lock = _try_lock(fresh)
+        os.rename(fresh, path)
         if lock is not None:
             self._locks[path] = lock
         return path

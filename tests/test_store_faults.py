@@ -258,6 +258,21 @@ class TestFinishedWorkIsKept:
             assert live.is_dir() and not dead.exists()
         assert len(notes) == 1 and "stopped before it finished" in notes[0]
 
+    def test_a_running_runs_staging_folder_is_never_recovered(self, bench_home, monkeypatch):
+        from privbench.attacks.gradient_inversion import DLG
+
+        original, seen = DLG.run, {}
+
+        def spy(self, observation, budget, progress=None):
+            seen["notes"] = Store().recover()  # another process starting meanwhile
+            seen["staging"] = list((bench_home / "artifacts").glob(".staging-*"))
+            return original(self, observation, budget, progress)
+
+        monkeypatch.setattr(DLG, "run", spy)
+        result = run(RunConfig(**TINY_CONFIG), Store())
+        assert seen["notes"] == [] and len(seen["staging"]) == 1
+        assert result.status == "ok" and Store().counts() == {"ok": 1}
+
     @pytest.mark.parametrize("content,message", [
         ("not json", "not a readable privbench result"),
         (json.dumps({"run_id": "../../escape", "status": "ok"}), "not a run id"),
