@@ -422,6 +422,7 @@ class Store:
                 if superseded:
                     log.warning("results store %s: %d duplicate ok row(s) of earlier runs marked superseded",
                                 self.path, len(superseded))
+                self._strict_json(conn)
             for statement in UNIQUE_OK.split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -431,6 +432,25 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _strict_json(conn: sqlite3.Connection) -> None:
+        """Re-encode JSON that earlier versions wrote with bare NaN / Infinity (invalid for SQLite's JSON
+        functions); text that is not JSON at all is left for the readers to skip."""
+        for table, key, columns in (("runs", "run_id", ("config_json", "metrics_json", "costs_json", "info_json")),
+                                    ("cell_scores", "rowid", ("cell_json", "score_json", "baseline_json"))):
+            for column in columns:
+                try:
+                    rows = conn.execute(f"SELECT {key}, {column} FROM {table} WHERE {column} IS NOT NULL AND "
+                                        f"NOT json_valid({column})").fetchall()
+                except sqlite3.OperationalError:  # an SQLite without JSON functions: nothing to keep working
+                    return
+                for row_key, text in rows:
+                    try:
+                        fixed = dumps(loads(text))
+                    except (TypeError, ValueError):
+                        continue
+                    conn.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (fixed, row_key))
 
     def check_writable(self) -> None:
         """Check, before a run computes, that its result can be stored here.

@@ -1,7 +1,7 @@
 """The results store under faults: checked before computing, nothing finished lost, one ok row per request,
 strict JSON, damaged rows and artifacts skipped with a warning, and the CLI's exit codes and messages.
 
-Each class covers one kind of defect with several instances of it; the runs are tiny (16 px, 3 steps).
+Each class covers one kind of fault with several instances of it; the runs are tiny (16 px, 3 steps).
 """
 
 from __future__ import annotations
@@ -381,6 +381,23 @@ class TestStrictJson:
         rows = json.loads(invoke("runs", "--json").stdout, parse_constant=refuse)
         assert rows[0]["metrics"]["inf"] == {"$float": "inf"}
 
+    def test_an_earlier_stores_bare_nan_is_re_encoded_on_upgrade(self, tmp_path):
+        from privbench.store import TABLES
+
+        path = tmp_path / "old.sqlite"
+        with sqlite3.connect(path) as conn:  # an earlier privbench wrote json.dumps' bare NaN / Infinity
+            conn.executescript(TABLES)
+            values = Store._row_values(fake_result("r1"))
+            values["metrics_json"] = json.dumps({"psnr": math.inf, "ssim": math.nan})
+            conn.execute(f"INSERT INTO runs ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                         tuple(values.values()))
+        assert Store(path, create=False).get("r1").metrics["psnr"] == math.inf  # read as it is
+        store = Store(path)  # upgraded by a writer
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("SELECT json_valid(metrics_json) FROM runs").fetchone() == (1,)
+        back = store.get("r1").metrics
+        assert back["psnr"] == math.inf and math.isnan(back["ssim"])
+
     def test_dumps_and_loads_round_trip(self):
         text = dumps({"a": math.inf, "b": [math.nan, -math.inf], "c": "inf"})
         assert "Infinity" not in text and "NaN" not in text
@@ -417,6 +434,7 @@ class TestDamagedRowsAreSkipped:
         listed = invoke("ledger", "verify", "run-b")
         assert listed.exit_code == 2 and "damaged" in listed.output
 
+    @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
     def test_bench_score_skips_missing_and_hostile_reconstructions(self, bench_home, tmp_path, monkeypatch):
         import functools
         import pickle
