@@ -133,6 +133,8 @@ PARAMETER_CASES = {
     "attack lr=inf": bad_input("run", *TINY, "--attack-param", "lr=inf", expect_text="'lr' must be finite"),
     "attack tv_weight=nan": bad_input("run", *TINY, "--attack-param", "tv_weight=nan", expect_text="not NaN"),
     "attack lr=nan": bad_input("run", *TINY, "--attack-param", "lr=nan", expect_text="'lr' must be a number"),
+    "attack lr=1e400 (overflows to inf)": bad_input("run", *TINY, "--attack-param", "lr=1e400",
+                                                    expect_text="'lr' must be finite"),
     "attack steps=0": bad_input("run", *TINY, "--attack-param", "steps=0", expect_text="'steps' must be in"),
     "defense epochs=-1": bad_input("run", *TINY, "--defense-param", "epochs=-1", expect_text="'epochs'"),
     "dp epsilon=nan": bad_input("run", "--defense", "dp", *TINY, "--defense-param", "epsilon=nan",
@@ -143,6 +145,7 @@ PARAMETER_CASES = {
     "--max-grad-evals 0": bad_input("run", *TINY, "--max-grad-evals", "0", expect_text="max_grad_evals"),
     "--seed 99999999999999999999": bad_input("run", *TINY, "--seed", "99999999999999999999",
                                              expect_text="seed must be an integer in [0, 2^63 - 1]"),
+    "--victim-batch 0": bad_input("run", *TINY, "--victim-batch", "0", expect_text="victim_batch"),
     "--members 0": bad_input("run", *TINY, "--members", "0", expect_text="members"),
     "--threads 0": bad_input("run", *TINY, "--threads", "0", expect_text="--threads"),
     "--threads -2": bad_input("run", *TINY, "--threads", "-2", expect_text="--threads"),
@@ -202,6 +205,24 @@ def read_only_dir(home: Home) -> Outcome:
         proc = home.bench("run", *TINY, "--seed", 5)
     named = "not writable" in _flat(_out(proc))
     return Outcome(proc.returncode, _out(proc), home.intact() and len(home.rows()) == 1 and named)
+
+
+def read_only_artifacts(home: Home) -> Outcome:
+    with read_only(home.path / "artifacts"):
+        proc = home.bench("run", *TINY, "--seed", 5)
+    named = f"{home.path / 'artifacts'} is not writable" in _flat(_out(proc))
+    return Outcome(proc.returncode, _out(proc), home.intact() and len(home.rows()) == 1 and named)
+
+
+def hostile_import(home: Home) -> Outcome:
+    row = json.loads(home.bench("runs", "--json").stdout)[0]
+    folder = home.root / "kept"
+    folder.mkdir()
+    (folder / "result.json").write_text(json.dumps({**row, "run_id": "../../outside"}))
+    proc = home.bench("import", folder)
+    named = "not a run id" in _flat(_out(proc))
+    return Outcome(proc.returncode, _out(proc), named and home.intact() and len(home.rows()) == 1
+                   and (folder / "result.json").is_file())
 
 
 def low_free_space(home: Home) -> Outcome:
@@ -287,6 +308,7 @@ def force_supersedes(home: Home) -> Outcome:
 STORE_CASES = {
     "read-only database file": read_only_db,
     "read-only store folder": read_only_dir,
+    "read-only artifacts folder": read_only_artifacts,
     "free space below the margin": low_free_space,
     "disk full at the final write": disk_full_at_final_write,
     "bench import of the kept result": import_kept_result,
@@ -294,6 +316,8 @@ STORE_CASES = {
     "killed mid-run, then the next run": killed_mid_run,
     "3 concurrent runs of one config": concurrent_same_config,
     "--force recomputes": force_supersedes,
+    "bench import of a hostile result.json": hostile_import,
+    "--store that is a folder": bad_input("run", *TINY, "--store", ".", expect_text="is a folder"),
     "store of a foreign schema": _hostile_store(_foreign, "has a 'runs' table of another layout"),
     "store of an old schema": _hostile_store(_old, "missing"),
     "corrupt database": _hostile_store(_corrupt, "is corrupt or not a SQLite database"),
@@ -352,6 +376,8 @@ MARKUP_CASES = {f"data folder named {t!r}": markup_folder(t) for t in HOSTILE_TE
 MARKUP_CASES.update({
     "--defense '[/x]'": bad_input("run", "--defense", "[/x]", expect_text="unknown defense '[/x]'"),
     "--attack '[red]x[/red]'": bad_input("run", "--attack", "[red]x[/red]", expect_text="'[red]x[/red]'"),
+    "--store path with markup": bad_input("runs", "--store", "no/[/i]/[red]s[/red].sqlite",
+                                          expect_text="no/[/i]/[red]s[/red].sqlite"),
     "markup in a stored error": markup_in_stored_error,
 })
 
@@ -382,8 +408,20 @@ def missing_artifact(home: Home) -> Outcome:
     return Outcome(proc.returncode, _out(proc), named and scored and stored == {json.dumps([second_id])})
 
 
+def damaged_row_by_id(home: Home) -> Outcome:
+    with contextlib.closing(sqlite3.connect(home.store)) as conn:
+        conn.execute("UPDATE runs SET info_json = '[1, 2]' WHERE run_id = ?", (home.baseline_id,))
+        conn.commit()
+    proc = home.bench("ledger", "verify", home.baseline_id)
+    named = f"stored run '{home.baseline_id}'" in _flat(_out(proc)) and "is damaged" in _flat(_out(proc))
+    listing = home.bench("runs")
+    return Outcome(proc.returncode, _out(proc) + _out(listing), named and listing.returncode == 0
+                   and not home.staging())
+
+
 DAMAGE_CASES = {
     "garbage bytes in one row": garbage_row,
+    "a damaged row asked for by id": damaged_row_by_id,
     "one reconstruction.pt missing (bench score)": missing_artifact,
 }
 
@@ -459,6 +497,8 @@ def hostile_pickles_in_every_cache(home: Home) -> Outcome:
 MESSAGE_CASES = {
     "runs --status bogus": bad_input("runs", "--status", "bogus", expect_text="--status must be one of"),
     "runs --store NEWPATH": new_store_path,
+    "runs --limit 0": bad_input("runs", "--limit", "0", expect_text="--limit"),
+    "score --store NEWPATH": bad_input("score", "--store", "typo.sqlite", expect_text="no results store at"),
     "target cache not writable": unwritable_cache("targets"),
     "dataset cache not writable": unwritable_cache("datasets"),
     "malicious pickle in every cache": hostile_pickles_in_every_cache,
