@@ -191,8 +191,6 @@ def loads(text: str | bytes) -> Any:
     return json.loads(text, object_hook=_decode_object)
 
 
-_dumps = dumps  # kept for callers of the former private name
-
 
 # -- validation of rows and result files -------------------------------------------------------
 
