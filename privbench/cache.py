@@ -137,12 +137,19 @@ def save_torch(path: Path, obj: Any) -> None:
 
     Raises:
         TypeError: ``obj`` holds a value :func:`load_torch` would refuse (checked before writing).
-        OSError: as :func:`atomic_write`.
+        OSError: as :func:`atomic_write` (a write that fails inside torch, too).
     """
     import torch
 
     _check_weights_only(obj, "obj")
-    atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+    def write(f: BinaryIO) -> None:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:  # torch's zip writer reports a failed write as a RuntimeError
+            raise OSError(f"could not write {path}: {exc}") from exc
+
+    atomic_write(Path(path), write)
 
 
 def load_torch(path: Path) -> Any | None:

@@ -3,14 +3,16 @@
 Exit codes: 0 ok, 1 the run failed (stored as failed), 2 bad input (nothing run),
 3 the pair is unsupported (stored as such), 130 interrupted.
 
-Every text that comes from outside this module (error messages, names, paths) is escaped before rich
-prints it, so brackets such as ``'privbench[medmnist]'`` print as written.
+Text from users, files, plugins and the store (names, paths, error messages, stored rows) is printed
+as written, in one place: both consoles are created with rich markup, emoji codes and highlighting
+off, so no text they print is ever read as markup (``[/i]``, ``[red]``, ``:smile:`` print literally,
+and cannot break a command). This module's own styling is applied through :func:`_text` (rich ``Text``
+with explicit styles), never by markup inside a string.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,8 +20,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from privbench import registry
 from privbench.config import RunConfig
@@ -33,8 +35,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Every string these consoles print is literal: no markup, no emoji codes, no highlighting (see the module doc).
+console = Console(markup=False, emoji=False, highlight=False)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
+
+
+def _text(*parts: object) -> Text:
+    """Literal text for the consoles: each part a value (printed as its ``str``, as written) or a
+    ``(value, style)`` pair whose style is this module's own (e.g. ``("error:", "bold red")``)."""
+    out = Text()
+    for part in parts:
+        if isinstance(part, tuple):
+            out.append(str(part[0]), style=str(part[1]))
+        else:
+            out.append(str(part))
+    return out
+
+
+def _say(*parts: object, err: bool = False) -> None:
+    """Print ``_text(*parts)`` on stdout (or stderr); a long line is not broken, so commands in it copy whole."""
+    (err_console if err else console).print(_text(*parts), soft_wrap=True)
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
@@ -46,9 +66,28 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
 
 def _fail_input(exc: BaseException) -> None:
-    # soft_wrap: a long message is not broken into lines, so an install command in it copies as one line
-    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    _say(("error:", "bold red"), " ", exc, err=True)
     raise typer.Exit(2)
+
+
+def _open_store(store_path: Path | None, *, create: bool):
+    """The store at ``store_path`` (default: the home's); for a reader (``create`` False) a store that does not
+    exist is an error when named with --store, and None (nothing stored yet) for the default location."""
+    from privbench.store import Store, StoreMissing
+
+    try:
+        return Store(store_path, create=create)
+    except StoreMissing:
+        if store_path is not None:
+            raise
+        return None
+
+
+def _json(obj: object) -> str:
+    """Strict JSON for --json output (non-finite floats as the store encodes them)."""
+    from privbench.store import dumps
+
+    return dumps(obj, indent=2, sort_keys=False)
 
 
 class _LogLine(logging.Formatter):
@@ -138,9 +177,10 @@ def run(
     seconds, to stderr, and the result is logged too."""
     from privbench.config import Budget, ConfigError, parse_assignments
     from privbench.datasets.splits import SplitSpec
+    from privbench.provenance import resolve_threads
     from privbench.runner import RunOptions, lookup
     from privbench.stages import StageTracker
-    from privbench.store import Store
+    from privbench.store import ResultNotStored, Store
 
     if quiet and verbose:
         _fail_input(ConfigError("--quiet and --verbose exclude each other; pass one of them"))
@@ -149,6 +189,7 @@ def run(
     _log_to_stderr(logging.DEBUG if verbose else logging.INFO if show else logging.WARNING, terminal)
     tracker = StageTracker()
     try:
+        resolve_threads(threads)
         if data_root is not None and not data_root.is_dir():
             raise ConfigError(f"--data-root {data_root} does not exist or is not a folder; pass the folder that holds the dataset")
         config = RunConfig(
@@ -168,18 +209,20 @@ def run(
         result = None if force else lookup(config, store, options)
         if result is None:
             result = _compute(config, store, options, tracker, bar=show and terminal, lines=show and not terminal)
+    except ResultNotStored as exc:  # finished but not stored: show what was computed, then where it is kept
+        _say(_result_line(exc.result), err=True)
+        _fail_input(exc)
     except _input_errors() as exc:
         _fail_input(exc)
     except KeyboardInterrupt:
         _interrupted(tracker)
         raise typer.Exit(130) from None
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        typer.echo(_json(result.to_dict()))
     else:
         _print_result(result, store, model_chosen_by_defense=config.model is None)
         if tracker.stages and show:
-            console.print(f"stage times: {escape(tracker.timings())}; wall time {result.wall_time_s:.1f} s",
-                          highlight=False, soft_wrap=True)
+            _say(f"stage times: {tracker.timings()}; wall time {result.wall_time_s:.1f} s")
     if show and not terminal:
         logging.getLogger("privbench").info("%s", _result_line(result))
     raise typer.Exit({"ok": 0, "failed": 1, "unsupported": 3}[result.status])
@@ -214,9 +257,9 @@ def _interrupted(tracker) -> None:
 
     summary = interrupted_summary(tracker, home() / "cache")
     tracker.close("interrupted")
-    err_console.print("[yellow]interrupted: nothing was stored for this run[/]", highlight=False)
+    _say(("interrupted: nothing was stored for this run", "yellow"), err=True)
     for line in summary:
-        err_console.print(escape(line), highlight=False, soft_wrap=True)
+        _say(line, err=True)
 
 
 def _result_line(result) -> str:
@@ -244,26 +287,23 @@ def _print_result(result, store, model_chosen_by_defense: bool = False) -> None:
     model = f"{cfg['model']}, the {cfg['defense']} defense's default" if model_chosen_by_defense else cfg["model"]
     head = f"{cfg['defense']} x {cfg['attack']} on {cfg['dataset']} ({model}, {cfg['image_size']}px, seed {cfg['seed']}"
     head += f", target seed {cfg['target_seed']})" if cfg.get("target_seed") is not None else ")"
-    console.print(f"[bold]{escape(head)}[/]  run {escape(result.run_id)}" + ("  [dim](stored result)[/]" if result.cached else ""),
-                  highlight=False)
+    _say((head, "bold"), "  run ", result.run_id, ("  (stored result)", "dim") if result.cached else "")
     if result.status != "ok":
         colour = "red" if result.status == "failed" else "yellow"
-        console.print(f"[{colour}]{result.status}:[/] {escape(str(result.error))}", highlight=False, soft_wrap=True)
+        _say((f"{result.status}:", colour), " ", result.error)
         return
     metrics = result.metrics
     unavailable = result.info.get("unavailable_metrics", {})
     table = Table("metric", "attack", "baseline")
     for name in headline(metrics, result.info):
         note = " (see below)" if name in unavailable else ""
-        table.add_row(escape(name), _fmt(metrics[name]) + note, _fmt(metrics.get(f"baseline_{name}")))
+        table.add_row(name, _fmt(metrics[name]) + note, _fmt(metrics.get(f"baseline_{name}")))
     console.print(table)
     for name, reason in unavailable.items():
-        console.print(f"[yellow]{escape(name)}: n/a ({escape(reason)})[/]", highlight=False)
-    console.print(escape(_utility_line(result)), highlight=False)
-    console.print(
-        f"{result.grad_evals} gradient evaluations; {result.wall_time_s:.1f} s; "
-        f"artifacts: {escape(str(store.root / result.artifacts)) if result.artifacts else '-'}", highlight=False
-    )
+        _say((f"{name}: n/a ({reason})", "yellow"))
+    _say(_utility_line(result))
+    _say(f"{result.grad_evals} gradient evaluations; {result.wall_time_s:.1f} s; "
+         f"artifacts: {store.root / result.artifacts if result.artifacts else '-'}")
 
 
 def _utility_line(result) -> str:
@@ -299,7 +339,7 @@ def list_components(
                     value = getattr(entry.obj, attr, None)
                     if value is not None and not callable(value):
                         extra += f" [{attr}: {getattr(value, 'value', value)}]"
-                table.add_row(k, escape(entry.name), escape(entry.origin.describe()), escape(entry.description + extra))
+                table.add_row(k, entry.name, entry.origin.describe(), entry.description + extra)
     except registry.RegistryError as exc:
         _fail_input(exc)
     console.print(table)
@@ -307,21 +347,29 @@ def list_components(
 
 @app.command()
 def runs(
-    limit: Annotated[int, typer.Option(help="How many rows.")] = 20,
-    status: Annotated[str | None, typer.Option(help="Only rows with this status (ok, failed, unsupported).")] = None,
+    limit: Annotated[int, typer.Option(help="How many rows (1 or more).")] = 20,
+    status: Annotated[str | None, typer.Option(help="Only rows with this status (ok, failed, unsupported, "
+                                                    "superseded).")] = None,
     store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON.")] = False,
 ) -> None:
-    """Recent stored runs."""
-    from privbench.store import Store, StoreError
+    """Recent stored runs. A damaged row is skipped with a warning naming it."""
+    from privbench.config import ConfigError
+    from privbench.store import STATUSES
 
+    _log_to_stderr(logging.WARNING, err_console.is_terminal)
     try:
-        store = Store(store_path)
-    except StoreError as exc:
+        if status is not None and status not in STATUSES:
+            raise ConfigError(f"--status must be one of {', '.join(STATUSES)}, got {status!r}")
+        if not 1 <= limit <= 10**9:
+            raise ConfigError(f"--limit must be an integer in [1, 10^9], got {limit}")
+        store = _open_store(store_path, create=False)
+        rows = store.recent(limit, status) if store else []
+        counts = store.counts() if store else {}
+    except _input_errors() as exc:
         _fail_input(exc)
-    rows = store.recent(limit, status)
     if as_json:
-        typer.echo(json.dumps([r.to_dict() for r in rows], indent=2, default=str))
+        typer.echo(_json([r.to_dict() for r in rows]))
         return
     table = Table("run", "status", "defense", "attack", "dataset", "model", "seed", "metrics (attack / baseline)",
                   "time s")
@@ -330,12 +378,46 @@ def runs(
         shown = "; ".join(f"{name} {_fmt(r.metrics[name])}" + (f" / {_fmt(r.metrics[f'baseline_{name}'])}"
                                                                 if f"baseline_{name}" in r.metrics else "")
                           for name in headline(r.metrics, r.info)[:3])
-        table.add_row(*(escape(str(v)) for v in (r.run_id, r.status, c["defense"], c["attack"], c["dataset"], c["model"],
-                                                  c["seed"])),
-                      escape(shown), f"{r.wall_time_s:.1f}")
+        table.add_row(*(str(v) for v in (r.run_id, r.status, c["defense"], c["attack"], c["dataset"], c["model"],
+                                         c["seed"])), shown, f"{r.wall_time_s:.1f}")
     console.print(table)
-    counts = store.counts()
-    console.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no runs stored yet")
+    if store is None:
+        _say(f"no runs stored yet (no results store at {_default_store()})")
+    else:
+        _say(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no runs stored yet")
+
+
+@app.command("import")
+def import_run(
+    path: Annotated[Path, typer.Argument(help="A folder a run kept (it holds result.json and the run's artifacts), "
+                                              "or such a result.json.")],
+    store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="If an ok row of the same config is stored, make the "
+                                        "imported one current (the other is kept, marked superseded).")] = False,
+) -> None:
+    """Store a finished run's result that could not be stored when it finished ('bench run' names the folder)."""
+    from privbench.store import Store
+
+    _log_to_stderr(logging.WARNING, err_console.is_terminal)
+    try:
+        store = Store(store_path)
+        row = store.import_run(path, replace=force)
+    except _input_errors() as exc:
+        _fail_input(exc)
+    if row.cached:
+        _say(f"run {row.run_id} is already stored in {store.path}; nothing to import")
+    elif row.status == "superseded":
+        _say(f"stored run {row.run_id} in {store.path} as superseded: an ok row of the same config was stored "
+             f"already (--force makes the imported one current)")
+    else:
+        _say(f"stored run {row.run_id} ({row.status}) in {store.path}"
+             + (f"; artifacts: {store.root / row.artifacts}" if row.artifacts else ""))
+
+
+def _default_store() -> Path:
+    from privbench.store import default_store_path
+
+    return default_store_path()
 
 
 @app.command()
@@ -350,25 +432,31 @@ def score(
     threads: Annotated[int | None, typer.Option(help="Torch intra-op threads.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the cell scores as JSON.")] = False,
 ) -> None:
-    """Set metrics (fd_eval, FID, KID) over every cell of stored reconstruction runs, written to the store."""
-    from privbench.provenance import configure_threads
-    from privbench.store import Store
+    """Set metrics (fd_eval, FID, KID) over every cell of stored reconstruction runs, written to the store.
 
+    A run whose reconstruction artifact is missing or unreadable, or a damaged row, is skipped with a
+    warning naming it; the other runs and cells are scored."""
+    from privbench.provenance import configure_threads, resolve_threads
+
+    _log_to_stderr(logging.WARNING, err_console.is_terminal)
     try:
-        store = Store(store_path)
+        resolve_threads(threads)
+        store = _open_store(store_path, create=False)
         from privbench import scoring
 
-        configure_threads(threads)
         filters = {k: v for k, v in (("defense", defense), ("attack", attack), ("dataset", dataset), ("model", model)) if v}
-        cells = scoring.reconstruction_cells(store, filters)
+        cells = scoring.reconstruction_cells(store, filters) if store else {}
+        if cells:
+            store.check_writable()  # the scores are written to the store: checked before computing them
+            configure_threads(threads)
         reports = [
-            scoring.score_cell(store, rows, str(data_root) if data_root else None, allow_download)
-            for rows in cells.values()
+            report for rows in cells.values()
+            if (report := scoring.score_cell(store, rows, str(data_root) if data_root else None, allow_download))
         ]
     except _input_errors() as exc:
         _fail_input(exc)
     if as_json:
-        typer.echo(json.dumps([r.__dict__ for r in reports], indent=2, default=str))
+        typer.echo(_json([r.__dict__ for r in reports]))
         return
     if not reports:
         console.print("no stored reconstruction runs match; run 'bench run' first")
@@ -377,20 +465,19 @@ def score(
     reasons = []
     for report in reports:
         c = report.config
-        label = escape(f"{c['defense']} x {c['attack']} / {c['dataset']} / {c['model']} {c['image_size']}px")
+        label = f"{c['defense']} x {c['attack']} / {c['dataset']} / {c['model']} {c['image_size']}px"
         for entry in report.scores:
             sc, base = entry["score"], entry["baseline"]
-            table.add_row(label, str(report.n_runs), escape(sc["name"]), str(sc["n"]), _fmt_set(sc),
+            table.add_row(label, str(report.n_runs), sc["name"], str(sc["n"]), _fmt_set(sc),
                           _fmt_set(base) if base else "-")
             if sc["reason"]:
                 reasons.append(f"{sc['name']}: {sc['reason']}")
         acc = (report.eval_classifier or {}).get("heldout_accuracy")
-        console.print(f"{label}: evaluation classifier held-out accuracy {_fmt(acc)}; "
-                      f"per-run medians {escape(', '.join(f'{k} {_fmt(v)}' for k, v in report.per_run_medians.items()))}",
-                      highlight=False)
+        _say(f"{label}: evaluation classifier held-out accuracy {_fmt(acc)}; per-run medians "
+             + ", ".join(f"{k} {_fmt(v)}" for k, v in report.per_run_medians.items()))
     console.print(table)
     for reason in dict.fromkeys(reasons):
-        console.print(f"[yellow]n/a ({escape(reason)})[/]", highlight=False)
+        _say((f"n/a ({reason})", "yellow"))
 
 
 def _fmt_set(score: dict) -> str:
@@ -411,7 +498,7 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the repor
 
     report = collect()
     if as_json:
-        typer.echo(json.dumps(report, indent=2, default=str))
+        typer.echo(_json(report))
         return
     for section, rows in report.items():
         if isinstance(rows, list):
@@ -419,11 +506,10 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the repor
             for column in rows[0].keys() if rows else ():
                 table.add_column(column, overflow="fold")
             for row in rows:
-                table.add_row(*(escape(str(v)) for v in row.values()))
+                table.add_row(*(str(v) for v in row.values()))
             console.print(table)
         else:
-            console.print(f"[bold]{escape(section)}[/]: " + escape(", ".join(f"{k} {v}" for k, v in rows.items())),
-                          highlight=False)
+            _say((section, "bold"), ": ", ", ".join(f"{k} {v}" for k, v in rows.items()))
 
 
 weights_app = typer.Typer(help="Pretrained weights for perceptual metrics.", no_args_is_help=True)
@@ -437,7 +523,7 @@ def weights_list() -> None:
 
     table = Table("key", "file", "used by", "status")
     for row in weights_rows():
-        table.add_row(*(escape(str(row[k])) for k in ("key", "file", "used by", "status")))
+        table.add_row(*(str(row[k]) for k in ("key", "file", "used by", "status")))
     console.print(table)
 
 
@@ -453,13 +539,12 @@ def weights_fetch(
             _fail_input(registry.UnknownNameError("weights", key, list(weights.KNOWN)))
         try:
             path = weights.locate(key)
-            console.print(escape(f"{key}: already present at {path}"), highlight=False)
+            _say(f"{key}: already present at {path}")
         except weights.WeightsMissing:
             try:
-                console.print(escape(f"{key}: downloaded to {weights.fetch(key)}"), highlight=False)
+                _say(f"{key}: downloaded to {weights.fetch(key)}")
             except Exception as exc:  # network errors are the user's to see, with the file they were after
-                err_console.print(f"[red]{escape(f'{key}: download of {weights.KNOWN[key].url} failed: {exc}')}[/]",
-                                  highlight=False)
+                _say((f"{key}: download of {weights.KNOWN[key].url} failed: {exc}", "red"), err=True)
                 raise typer.Exit(1) from None
 
 
@@ -481,11 +566,11 @@ def ledger_verify(
     if path.is_file():
         result = verify(path.read_bytes())
         _print_ledger(path, result)
-        console.print("no stored head to compare: truncation cannot be detected (give the run id to compare the "
-                      "chain with the head and block count its row recorded)", highlight=False)
+        _say("no stored head to compare: truncation cannot be detected (give the run id to compare the "
+             "chain with the head and block count its row recorded)")
         raise typer.Exit(0 if result.ok else 1)
     try:
-        store = Store(store_path)
+        store = Store(store_path, create=False)
         row = store.get(source)
     except _input_errors() as exc:
         _fail_input(exc)
@@ -505,14 +590,13 @@ def ledger_verify(
         path = store.root / (row.artifacts or "") / name
         head, blocks = training.get("ledger_head"), training.get("ledger_blocks")
         if not path.is_file():
-            err_console.print(f"[bold red]{escape(str(path))}: missing[/]: run {escape(source)} recorded a ledger of "
-                              f"{_fmt(blocks)} blocks with head {_fmt(head)}", highlight=False)
+            _say((f"{path}: missing", "bold red"), f": run {source} recorded a ledger of {_fmt(blocks)} blocks with "
+                 f"head {_fmt(head)}", err=True)
             failed = True
             continue
         if head is None or blocks is None:
             result = verify(path.read_bytes())
-            console.print(f"run {escape(source)} stored no ledger head for {escape(name)}: truncation cannot be detected",
-                          highlight=False)
+            _say(f"run {source} stored no ledger head for {name}: truncation cannot be detected")
         else:
             result = verify(path.read_bytes(), expected_head=head, expected_blocks=blocks)
         _print_ledger(path, result)
@@ -523,10 +607,10 @@ def ledger_verify(
 def _print_ledger(path: Path, result) -> None:
     if result.ok:
         matched = f", ending in the recorded head {result.head}" if result.compared else ""
-        console.print(f"{escape(str(path))}: {result.blocks} block{'' if result.blocks == 1 else 's'}, hash chain intact{matched}", highlight=False)
+        _say(f"{path}: {result.blocks} block{'' if result.blocks == 1 else 's'}, hash chain intact{matched}")
         return
     where = "" if result.chain_intact else f" (block {result.bad_block} of {result.blocks}; every later block is unverified)"
-    err_console.print(f"[bold red]{escape(str(path))}: tampered[/]: {escape(result.reason)}{where}", highlight=False)
+    _say((f"{path}: tampered", "bold red"), f": {result.reason}{where}", err=True)
 
 
 def entrypoint() -> None:  # pragma: no cover - console script

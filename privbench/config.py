@@ -23,6 +23,7 @@ from typing import Any, Literal, Mapping
 
 from privbench import __version__
 from privbench.datasets.splits import SplitSpec
+from privbench.params import INT64_MAX, bounded, check_instance, check_values
 
 GradientRound = Literal["init", "trained"]
 
@@ -41,11 +42,23 @@ def freeze_params(params: Mapping[str, Any] | Params | None) -> Params:
     return tuple(sorted((str(k), v) for k, v in items))
 
 
+MAX_IMAGE_SIZE = 1024  # pixels a side; beyond this a decoded dataset no longer fits in memory
+MAX_VICTIM_BATCH = 4096
+MAX_GRAD_EVALS = 10**12
+
+
 @dataclass(frozen=True)
 class Budget:
     """What the attacker may spend. ``max_grad_evals``: cap on gradient evaluations (None: the attack's own schedule)."""
 
-    max_grad_evals: int | None = None
+    max_grad_evals: int | None = bounded(None, ge=1, le=MAX_GRAD_EVALS)
+
+    def __post_init__(self) -> None:
+        value = self.max_grad_evals
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 1 <= value <= MAX_GRAD_EVALS):
+            raise ConfigError(f"max_grad_evals must be an integer in [1, {MAX_GRAD_EVALS:.0e}] (or none for the "
+                              f"attack's own schedule), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -88,18 +101,21 @@ class RunConfig:
             object.__setattr__(self, name, freeze_params(getattr(self, name)))
         if self.gradient_round not in ("init", "trained"):
             raise ConfigError(f"gradient_round must be 'init' or 'trained', got {self.gradient_round!r}")
-        for name, low in (("image_size", 4), ("channels", 1), ("victim_batch", 1)):
+        for name, low, high in (("image_size", 4, MAX_IMAGE_SIZE), ("victim_batch", 1, MAX_VICTIM_BATCH)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.channels not in (1, 3):
-            raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        if isinstance(self.channels, bool) or self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels!r}")
         for name in ("seed", "split_seed", "target_seed"):
             value = getattr(self, name)
             if name == "target_seed" and value is None:
                 continue
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+                raise ConfigError(f"{name} must be an integer in [0, 2^63 - 1] (what the results store holds), "
+                                  f"got {value!r}")
+        if not isinstance(self.budget, Budget):
+            raise ConfigError(f"budget must be a Budget, got {self.budget!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -185,7 +201,11 @@ def parse_assignments(items: list[str] | None, what: str) -> dict[str, str]:
 def coerce_params(params_cls: type, given: Mapping[str, Any], component: str) -> dict[str, Any]:
     """Validate ``given`` against the dataclass ``params_cls``; return every field, typed.
 
-    Raises ConfigError naming the parameter and its expected type.
+    Every value must lie in its field's declared range (``privbench.params``: finite, within a signed
+    64-bit integer, within the bounds the dataclass declares), checked before the dataclass is built
+    and again on the built instance (whose ``__post_init__`` may fill values in).
+
+    Raises ConfigError naming the parameter and its expected type or range.
     """
     fields = {f.name: f for f in dataclasses.fields(params_cls)}
     hints = typing.get_type_hints(params_cls)
@@ -204,7 +224,9 @@ def coerce_params(params_cls: type, given: Mapping[str, Any], component: str) ->
                 f"{component} parameter {key!r} expects {_type_name(hints[key])}, got {raw!r} ({exc})"
             ) from None
     try:
+        check_values(params_cls, values)
         instance = params_cls(**values)
+        check_instance(instance)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{component} parameters invalid: {exc}") from None
     return dataclasses.asdict(instance)

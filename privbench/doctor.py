@@ -99,9 +99,15 @@ def library_rows() -> list[dict]:
 def runtime() -> dict:
     import torch
 
+    from privbench.config import ConfigError
+
+    try:
+        threads: int | str = default_threads()
+    except ConfigError as exc:  # a bad $PRIVBENCH_THREADS is reported, not fatal here
+        threads = f"error: {exc}"
     return {
         "torch": torch.__version__,
-        "intra-op threads (privbench default)": default_threads(),
+        "intra-op threads (privbench default)": threads,
         "cpu count": os.cpu_count(),
         "cuda": torch.cuda.is_available(),
         "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),

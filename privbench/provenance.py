@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from privbench.config import RunConfig
 
 THREADS_ENV = "PRIVBENCH_THREADS"
+MAX_THREADS = 1024
 
 
 def default_threads() -> int:
@@ -25,24 +26,49 @@ def default_threads() -> int:
     The models here are small: one thread is as fast as two for a batch-of-one
     gradient evaluation, and leaves a core free for a second run; more threads
     than cores (oversubscription) slowed evaluations many-fold in our trials.
+
+    Raises:
+        ConfigError: ``$PRIVBENCH_THREADS`` is not an integer in [1, 1024].
     """
-    raw = os.environ.get(THREADS_ENV)
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"{THREADS_ENV}={raw!r} is not an integer number of threads") from None
-        if value < 1:
-            raise ValueError(f"{THREADS_ENV} must be >= 1, got {value}")
-        return value
-    return 1
+    from privbench.config import ConfigError
+
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return 1
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{THREADS_ENV}={raw!r} is not an integer number of threads; set it to an integer in "
+                          f"[1, {MAX_THREADS}] or unset it (default 1)") from None
+    if not 1 <= value <= MAX_THREADS:
+        raise ConfigError(f"{THREADS_ENV}={raw!r}: the number of threads must be in [1, {MAX_THREADS}]")
+    return value
+
+
+def resolve_threads(threads: int | None) -> int:
+    """``threads`` (``--threads``) if given, else :func:`default_threads`; checked before anything runs.
+
+    Raises:
+        ConfigError: ``threads`` is given and not an integer in [1, 1024], or ``$PRIVBENCH_THREADS`` is bad.
+    """
+    from privbench.config import ConfigError
+
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(f"--threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
+    return threads
 
 
 def configure_threads(threads: int | None) -> int:
-    """Set torch's intra-op (and inter-op, once) thread counts; returns the intra-op count."""
+    """Set torch's intra-op (and inter-op, once) thread counts; returns the intra-op count.
+
+    Raises:
+        ConfigError: as :func:`resolve_threads`.
+    """
     import torch
 
-    n = threads or default_threads()
+    n = resolve_threads(threads)
     torch.set_num_threads(n)
     try:
         torch.set_num_interop_threads(1)

@@ -8,16 +8,16 @@
 6. the attack family's scorer from the metrics registry, against the truth the attack never saw;
 7. one row in the store.
 
-Input errors (unknown names, bad parameters, missing data, a setting the attack cannot support)
-raise before anything is computed and store nothing. Errors while computing are stored as a failed
-row with the traceback; an attack that cannot run on what the defense exposes is stored as
-``unsupported``. Ctrl-C stores nothing.
+Input errors (unknown names, bad parameters, missing data, a setting the attack cannot support, a
+store that could not take the result) raise before anything is computed and store nothing. Errors
+while computing are stored as a failed row with the traceback; an attack that cannot run on what the
+defense exposes is stored as ``unsupported``. Ctrl-C stores nothing. A final write that fails all the
+same raises ``ResultNotStored``, naming where the result is kept (``bench import``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import time
 import traceback
 import uuid
@@ -29,7 +29,7 @@ from privbench import __version__, registry, stages
 from privbench import config as configlib
 from privbench import datasets as datasetlib
 from privbench.config import RunConfig
-from privbench.provenance import configure_threads, git_commit, plugin_versions, versions
+from privbench.provenance import configure_threads, git_commit, plugin_versions, resolve_threads, versions
 from privbench.store import RunResult, Store, home
 from privbench.threat import AttackError, AttackSetting, MembershipTruth, Observation, Surface, Victim
 
@@ -67,26 +67,33 @@ def lookup(config: RunConfig, store: Store, options: RunOptions, resolved: RunCo
 
 def run(config: RunConfig, store: Store, options: RunOptions = RunOptions(), progress: ProgressFn | None = None
         ) -> RunResult:
-    """Return the stored result for ``config``, or compute, store and return it."""
+    """Return the stored result for ``config``, or compute, store and return it.
+
+    Raises ConfigError, DatasetError, RegistryError or StoreError on bad input (nothing computed or
+    stored) and ResultNotStored when the final write failed (the result is kept on disk).
+    """
+    resolve_threads(options.threads)  # a bad --threads or $PRIVBENCH_THREADS is an input error, found first
+    store.recover()  # results that earlier processes kept are stored first, so the lookup can find them
     if not options.force and (hit := lookup(config, store, options)):
         return hit
     resolved = configlib.resolve(config)
     if not options.force and (hit := lookup(config, store, options, resolved)):
         return hit
+    store.check_writable()
     result = new_result(config, resolved, options)
     staging = store.staging_dir(result.run_id)
     start = time.perf_counter()
     try:
         execute(resolved, options, result, staging, progress)
     except (*INPUT_ERRORS, KeyboardInterrupt):
-        shutil.rmtree(staging, ignore_errors=True)  # bad input or Ctrl-C: nothing is stored
+        store.release(staging, remove=True)  # bad input or Ctrl-C: nothing is stored
         raise
     except Exception as exc:
         result.status = "unsupported" if isinstance(exc, AttackError) else "failed"
         result.error = f"{type(exc).__name__}: {exc}"
         result.traceback = traceback.format_exc()
     result.wall_time_s = time.perf_counter() - start
-    return store.record(result, staging)
+    return store.record(result, staging, replace=options.force)
 
 
 def new_result(config: RunConfig, resolved: RunConfig, options: RunOptions) -> RunResult:
@@ -94,14 +101,9 @@ def new_result(config: RunConfig, resolved: RunConfig, options: RunOptions) -> R
     fingerprint = datasetlib.fingerprint(config.dataset, options.data_root, config.image_size, options.allow_download)
     now = dt.datetime.now(dt.timezone.utc)
     result = RunResult(
-        run_id=now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8],
-        created_at=now.isoformat(),
-        status="ok",
-        config=resolved.to_dict(),
-        config_hash=resolved.config_hash(),
-        cache_key=resolved.cache_key(fingerprint),
-        request_key=config.cache_key(fingerprint),
-        privbench_version=__version__,
+        run_id=now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8], created_at=now.isoformat(), status="ok",
+        config=resolved.to_dict(), config_hash=resolved.config_hash(), cache_key=resolved.cache_key(fingerprint),
+        request_key=config.cache_key(fingerprint), privbench_version=__version__,
     )
     result.info.update(seeds=resolved.derived_seeds(), versions=versions(plugin_versions(resolved)), git=git_commit(),
                        threads=configure_threads(options.threads), data_fingerprint=fingerprint)

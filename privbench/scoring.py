@@ -9,8 +9,10 @@ from auxiliary data (other patients), scored the same way.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +23,9 @@ from privbench.datasets import splits as splitlib
 from privbench.metrics import eval_classifier, sets, weights
 from privbench.metrics.perceptual import InceptionFeatures
 from privbench.store import RunResult, Store, home
+
+log = logging.getLogger(__name__)
+RECONSTRUCTION_FILE = "reconstruction.pt"
 
 
 def cell_of(row: RunResult) -> dict:
@@ -44,6 +49,7 @@ class CellReport:
 
 
 def reconstruction_cells(store: Store, filters: dict[str, str] | None = None) -> dict[str, list[RunResult]]:
+    """The ok reconstruction runs by cell, one row per request key (``Store.all_ok``); damaged rows are skipped."""
     cells: dict[str, list[RunResult]] = {}
     for row in store.all_ok():
         if "psnr" not in row.metrics or not row.artifacts:
@@ -56,19 +62,36 @@ def reconstruction_cells(store: Store, filters: dict[str, str] | None = None) ->
 
 def score_cell(
     store: Store, rows: list[RunResult], data_root: str | None = None, allow_download: bool = False
-) -> CellReport:
-    """Compute and store fd_eval, FID and KID (each with its baseline) for one cell."""
+) -> CellReport | None:
+    """Compute and store fd_eval, FID and KID (each with its baseline) for one cell.
+
+    A run whose reconstruction file is missing, unreadable or inconsistent, or whose victims are not in
+    the dataset, is skipped with a warning naming it; a cell left without runs (or whose stored config
+    cannot be read) is skipped the same way (None).
+    """
     key = cell_key(rows[0])
-    cfg = RunConfig.from_dict({k: v for k, v in rows[0].config.items()})
-    recon, victim_ids = [], []
-    for row in rows:
-        saved = torch.load(store.root / row.artifacts / "reconstruction.pt", map_location="cpu", weights_only=True)
-        recon.append(saved["reconstruction"])
-        victim_ids.extend(saved["victim_ids"])
-    reconstructions = torch.cat(recon)
+    try:
+        cfg = RunConfig.from_dict({k: v for k, v in rows[0].config.items()})
+    except (ValueError, TypeError) as exc:
+        log.warning("skipping cell %s (runs %s): its stored config cannot be read (%s)", key,
+                    ", ".join(r.run_id for r in rows), exc)
+        return None
     data = datasetlib.load(cfg.dataset, cfg.image_size, cfg.channels, root=data_root,
                            cache_dir=home() / "cache" / "datasets")
     index = {image_id: i for i, image_id in enumerate(data.ids)}
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    recon, victim_ids, used = [], [], []
+    for row in rows:
+        loaded = _reconstruction(store, row, shape, index)
+        if loaded is not None:
+            recon.append(loaded[0])
+            victim_ids.extend(loaded[1])
+            used.append(row)
+    if not used:
+        log.warning("skipping cell %s: none of its %d run(s) has a readable reconstruction", key, len(rows))
+        return None
+    rows = used
+    reconstructions = torch.cat(recon)
     originals = data.images[torch.tensor([index[i] for i in victim_ids])]
     parts = splitlib.make(data, cfg.split, cfg.derived_seeds()["split"])
     n = len(originals)
@@ -115,6 +138,44 @@ def score_cell(
             entry["score"], entry["baseline"], run_ids, rows[0].privbench_version,
         )
     return report
+
+
+def _reconstruction(store: Store, row: RunResult, shape: tuple[int, int, int], index: dict[str, int]
+                    ) -> tuple[torch.Tensor, list[str]] | None:
+    """A run's reconstructions [B, C, H, W] and victim ids from its artifacts, or None (with a warning naming
+    the file) if they are missing, unreadable or do not fit the cell."""
+    artifacts = Path(store.root, row.artifacts or "")
+    path = artifacts / RECONSTRUCTION_FILE
+    try:
+        inside = artifacts.resolve().is_relative_to(store.artifacts_root.resolve())
+    except OSError:
+        inside = False
+    if not row.artifacts or not inside:
+        log.warning("skipping run %s: its artifacts folder %r is not inside %s", row.run_id, row.artifacts,
+                    store.artifacts_root)
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        images, ids = saved["reconstruction"], [str(i) for i in saved["victim_ids"]]
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != shape:
+            raise ValueError(f"reconstruction is not a [B, {', '.join(map(str, shape))}] tensor")
+        if len(ids) != len(images):
+            raise ValueError(f"{len(images)} images but {len(ids)} victim ids")
+        if not torch.isfinite(images).all():
+            raise ValueError("reconstruction holds non-finite values")
+    except FileNotFoundError:
+        log.warning("skipping run %s: its reconstruction file %s is missing", row.run_id, path)
+        return None
+    except Exception as exc:  # truncated, foreign or unsafe (refused by weights_only): skip the run, never fatal
+        log.warning("skipping run %s: its reconstruction file %s is unreadable (%s: %s)", row.run_id, path,
+                    type(exc).__name__, exc)
+        return None
+    missing = [i for i in ids if i not in index]
+    if missing:
+        log.warning("skipping run %s: its victims %s are not in the dataset as loaded now", row.run_id,
+                    ", ".join(missing[:3]) + ("..." if len(missing) > 3 else ""))
+        return None
+    return images.float(), ids
 
 
 def _per_run_metric_names(rows: list[RunResult]) -> list[str]:

@@ -175,8 +175,9 @@ class BarSink:
             TimeRemainingColumn,
         )
 
+        # stage names can come from plugins: shown as written, never read as markup
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("elapsed,"), TimeRemainingColumn(), TextColumn("left"), console=console, transient=True,
         )
         self._task: Any = None
@@ -189,19 +190,17 @@ class BarSink:
         self.bar.stop()
 
     def started(self, stage: Stage) -> None:
-        from rich.markup import escape
-
-        self._task = self.bar.add_task(escape(stage.name), total=stage.total)
+        self._task = self.bar.add_task(stage.name, total=stage.total)
 
     def updated(self, stage: Stage) -> None:
         self.bar.update(self._task, completed=stage.done, total=stage.total)
 
     def ended(self, stage: Stage) -> None:
-        from rich.markup import escape
+        from rich.text import Text
 
         self.bar.remove_task(self._task)
         word = "done in" if stage.outcome == "done" else f"{stage.outcome} after"
-        self.bar.console.print(f"[dim]stage {escape(stage.name)} {word} {stage.seconds():.1f} s[/]", highlight=False)
+        self.bar.console.print(Text(f"stage {stage.name} {word} {stage.seconds():.1f} s", style="dim"))
 
 
 _KINDS = {"targets": "trained target", "datasets": "preprocessed dataset", "gascnn": "gascnn stage output",

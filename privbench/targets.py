@@ -69,14 +69,15 @@ def fit_or_load(defense: "Defense", build_model: Callable[[], "nn.Module"], memb
             model.load_state_dict(state["trained"])
             target = Target(model.eval(), state["initial"], record["training"], record["utility"], record["costs"])
             return target, {"cache_key": key, "cached": True, **record}
-        except (KeyError, RuntimeError, TypeError) as exc:  # an entry of another architecture: refit
+        except (KeyError, IndexError, AttributeError, RuntimeError, TypeError, ValueError) as exc:  # refit
+            # an entry of another architecture, or one that is not what this cache writes
             cache.log.warning("target cache entry %s does not fit this model (%s); refitting", weights, exc)
     target = defense.fit(build_model(), members, ctx)
     record = {"training": target.training, "utility": target.utility, "costs": target.costs}
     try:
         cache.save_torch(weights, {"trained": target.model.state_dict(), "initial": target.initial_state})
         cache.save_json(meta, record)
-    except OSError as exc:  # the cache is optional
+    except (OSError, TypeError, ValueError) as exc:  # the cache is optional, as the dataset cache is
         cache.log.warning("could not write the target cache %s (%s); continuing without it", weights, exc)
     return target, {"cache_key": key, "cached": False, **record}
 

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from privbench.params import bounded
+
 if TYPE_CHECKING:
     from privbench.datasets import ImageDataset
 
@@ -18,12 +20,12 @@ if TYPE_CHECKING:
 class TrainParams:
     """Minibatch training of the target: ``epochs`` passes over the members, shuffled by seed."""
 
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
+    epochs: int = bounded(10, ge=0, le=100_000)
+    batch_size: int = bounded(64, ge=1, le=65_536)
+    lr: float = bounded(1e-3, gt=0, le=100)
     optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 0.0
+    momentum: float = bounded(0.9, ge=0, le=1)  # SGD only
+    weight_decay: float = bounded(0.0, ge=0, le=100)
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:

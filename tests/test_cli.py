@@ -95,9 +95,9 @@ def test_dp_bad_input_exits_2_and_stores_nothing(bench_home, monkeypatch):
     monkeypatch.setitem(registry.models._entries, "unfixable", entry)
     dp = ["run", "--defense", "dp", "--attack", "dlg", *TINY]
     cases = [
-        (["--defense-param", "epsilon=0"], "epsilon must be > 0"),
-        (["--defense-param", "epsilon=-1"], "epsilon must be > 0"),
-        (["--defense-param", "max_grad_norm=0"], "max_grad_norm must be"),
+        (["--defense-param", "epsilon=0"], "'epsilon' must be in (0, 10^6] (or inf)"),
+        (["--defense-param", "epsilon=-1"], "'epsilon' must be in (0, 10^6] (or inf)"),
+        (["--defense-param", "max_grad_norm=0"], "'max_grad_norm' must be in (0,"),
         (["--model", "unfixable"], "cannot train this model with DP-SGD"),
     ]
     for extra, message in cases:

@@ -49,7 +49,7 @@ def test_unknown_parameter_suggests_close_names():
 
 
 def test_parameter_value_checks_run():
-    with pytest.raises(ConfigError, match="steps, restarts"):
+    with pytest.raises(ConfigError, match=r"'restarts' must be in \[1, 10\^4\], got 0"):
         coerce_params(GradientInversionParams, {"restarts": "0"}, "attack 'dlg'")
 
 

@@ -43,7 +43,9 @@ def test_same_config_is_served_from_the_store_and_force_recomputes(store):
     forced = run(RunConfig(**TINY), store, RunOptions(force=True))
     assert not forced.cached and forced.run_id != first.run_id
     assert forced.metrics == first.metrics  # reproducible from config and seed
-    assert store.counts() == {"ok": 2}
+    assert store.counts() == {"ok": 1, "superseded": 1}  # one ok row per request; the old one kept as history
+    assert store.get(first.run_id).status == "superseded"
+    assert lookup(RunConfig(**TINY), store, RunOptions()).run_id == forced.run_id
 
 
 def test_seeds_with_one_target_seed_attack_different_victims_of_one_cached_target(store):

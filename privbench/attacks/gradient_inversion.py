@@ -50,6 +50,7 @@ from torch.nn import functional as F
 from privbench import morphing, registry
 from privbench.attacks.base import Attack, AttackOutput, Progress, substage
 from privbench.config import Budget
+from privbench.params import bounded
 from privbench.threat import AttackError, GradientUpdate, Observation, Surface, UpdateRule
 
 
@@ -57,20 +58,20 @@ from privbench.threat import AttackError, GradientUpdate, Observation, Surface, 
 class GradientInversionParams:
     distance: Literal["l2", "cosine"] = "l2"  # l2: sum of squared differences; cosine: 1 - cos over all parameters
     optimizer: Literal["lbfgs", "adam"] = "lbfgs"
-    steps: int = 300  # optimizer steps; an L-BFGS step makes up to 1.25 x lbfgs_max_iter evaluations
-    lr: float = 1.0
-    lbfgs_max_iter: int = 20
-    restarts: int = 2
+    steps: int = bounded(300, ge=1, le=10**7)  # optimizer steps; an L-BFGS step makes up to 1.25 x lbfgs_max_iter evaluations
+    lr: float = bounded(1.0, gt=0, le=1e4)
+    lbfgs_max_iter: int = bounded(20, ge=1, le=100_000)
+    restarts: int = bounded(2, ge=1, le=10_000)
     init: Literal["randn", "uniform", "zeros"] = "randn"  # initial image: N(0,1), U(0,1) or 0.5 everywhere
     # joint soft-label optimisation, iDLG's analytic rule (B = 1 only), or auto: analytic for B = 1, else joint
     label: Literal["joint", "analytic", "auto"] = "joint"
-    tv_weight: float = 0.0  # weight of the total variation prior (mean |dx| + mean |dy|, images in [0, 1])
+    tv_weight: float = bounded(0.0, ge=0, le=1e6)  # weight of the total variation prior (mean |dx| + mean |dy|, images in [0, 1])
     signed: bool = False  # step on the sign of the image gradient (Adam only)
     boxed: bool = False  # clamp images to [0, 1] after every step
     lr_drops: bool = False  # multiply the learning rate by 0.1 at 3/8, 5/8 and 7/8 of the steps
     # Expectation over transformation: average the gradient distance over this many forward passes of a
     # stochastic model (fresh encoder samples each); 1 is the naive single-sample objective.
-    eot_samples: int = 1
+    eot_samples: int = bounded(1, ge=1, le=10_000)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.restarts < 1 or self.lbfgs_max_iter < 1 or self.eot_samples < 1:
@@ -90,10 +91,10 @@ class IDLGParams(GradientInversionParams):
 class InvertingGradientsParams(GradientInversionParams):
     distance: Literal["l2", "cosine"] = "cosine"
     optimizer: Literal["lbfgs", "adam"] = "adam"
-    steps: int = 2000
-    lr: float = 0.1
+    steps: int = bounded(2000, ge=1, le=10**7)
+    lr: float = bounded(0.1, gt=0, le=1e4)
     label: Literal["joint", "analytic", "auto"] = "auto"
-    tv_weight: float = 0.2
+    tv_weight: float = bounded(0.2, ge=0, le=1e6)
     signed: bool = True
     boxed: bool = True
     lr_drops: bool = True
@@ -370,12 +371,12 @@ class InvertingGradients(GradientInversion):
 
 @dataclass(frozen=True)
 class SNNInvertingGradientsParams(InvertingGradientsParams):
-    eot_samples: int = 4
+    eot_samples: int = bounded(4, ge=1, le=10_000)
 
 
 @dataclass(frozen=True)
 class SNNDLGParams(GradientInversionParams):
-    eot_samples: int = 4
+    eot_samples: int = bounded(4, ge=1, le=10_000)
 
 
 class _SpikingAdaptive(GradientInversion):

@@ -34,6 +34,7 @@ from privbench import registry
 from privbench.attacks.base import Attack, AttackError, AttackOutput, Progress, substage
 from privbench.config import Budget, ConfigError
 from privbench.deps import require
+from privbench.params import bounded
 from privbench.threat import AttackSetting, Observation, Surface, UnsupportedPair
 
 
@@ -67,7 +68,7 @@ class MembershipAttack(Attack):
 @dataclass(frozen=True)
 class LossThresholdParams:
     label_only: bool = False  # only the predicted class is visible: loss is 0 if right, 1 if wrong
-    threshold_quantile: float = 0.5  # decision threshold: this quantile of the auxiliary losses
+    threshold_quantile: float = bounded(0.5, gt=0, lt=1)  # decision threshold: this quantile of the auxiliary losses
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold_quantile < 1:
@@ -100,10 +101,10 @@ class LossThreshold(MembershipAttack):
 
 @dataclass(frozen=True)
 class ShadowParams:
-    shadows: int = 4  # shadow models, each on its own disjoint part of the auxiliary split (half in, half out)
+    shadows: int = bounded(4, ge=1, le=10_000)  # shadow models, each on its own disjoint part of the auxiliary split (half in, half out)
     attack_model: str = "rf"  # ART attack model type: nn, rf, gb, lr, dt, knn, svm
-    shadow_budget_s: float = 1800.0  # refuse (unsupported) if the shadows are estimated to take longer
-    min_shadow_images: int = 40  # each shadow's part of the auxiliary split must hold at least this many
+    shadow_budget_s: float = bounded(1800.0, gt=0, le=1e7)  # refuse (unsupported) if the shadows are estimated to take longer
+    min_shadow_images: int = bounded(40, ge=1, le=10**7)  # each shadow's part of the auxiliary split must hold at least this many
 
     def __post_init__(self) -> None:
         if self.shadows < 1 or self.shadow_budget_s <= 0:
@@ -222,7 +223,7 @@ def balanced_inclusion(pool: int, size: int, shadows: int, generator: torch.Gene
 
 @dataclass(frozen=True)
 class LiRAParams:
-    shadows: int = 16
+    shadows: int = bounded(16, ge=2, le=10_000)
     online: bool = True  # shadows on a pool of auxiliary + candidates (IN and OUT Gaussians); else auxiliary only
     # Also query the horizontal flip (a Gaussian per view, scores averaged). Carlini et al. query the augmentations
     # the model trained with; privbench's training recipes use none, so a member's flip was never fit and only
@@ -236,7 +237,7 @@ class LiRAParams:
     # 2 threads, loaded machine): the training is compute-bound, not per-operation overhead bound, and grouped
     # convolutions cost about as much as S separate ones (benchmarks/perf/lira_shadows.py).
     vectorized: bool = False
-    shadow_size: int | None = None  # images per shadow; None: the target's training-set size (public)
+    shadow_size: int | None = bounded(None, ge=1, le=10**9)  # images per shadow; None: the target's training-set size (public)
 
     def __post_init__(self) -> None:
         if self.shadows < 2:

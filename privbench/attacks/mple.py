@@ -28,6 +28,7 @@ from privbench import morphing, registry
 from privbench.attacks.base import Attack, AttackOutput, Progress
 from privbench.attacks.gradient_inversion import GradientInversion, GradientInversionParams, InvertingGradientsParams
 from privbench.config import Budget
+from privbench.params import bounded
 from privbench.threat import AttackError, GradientUpdate, MorphedLayer, Observation, SharedData, Surface
 
 
@@ -103,7 +104,7 @@ class MorphedView(SharedDataAttack):
 
 @dataclass(frozen=True)
 class FeatureLeakParams:
-    ridge: float = 1e-9  # relative Tikhonov term of the deconvolution (x trace / n)
+    ridge: float = bounded(1e-9, ge=0, le=1e6)  # relative Tikhonov term of the deconvolution (x trace / n)
 
 
 @registry.attacks.register("mple-feature-leak")
@@ -174,9 +175,9 @@ def deconvolve(features: torch.Tensor, kernels: torch.Tensor, geometry: morphing
 
 @dataclass(frozen=True)
 class KnownPlaintextParams:
-    pairs: int = 256  # known (image, morphed) pairs of the same provider
+    pairs: int = bounded(256, ge=1, le=10**7)  # known (image, morphed) pairs of the same provider
     estimator: Literal["minnorm", "ridge"] = "minnorm"
-    ridge: float = 1e-3  # ridge only: lambda relative to the mean diagonal of T^T T
+    ridge: float = bounded(1e-3, ge=0, le=1e6)  # ridge only: lambda relative to the mean diagonal of T^T T
 
     def __post_init__(self) -> None:
         if self.pairs < 1 or self.ridge < 0:

@@ -3,10 +3,18 @@
 Layouts: ``<root>/<class>/*.<ext>`` or ``<root>/{Training,Testing}/<class>/*.<ext>`` (also
 train/test, any case). Split folders are pooled: privbench makes its own splits. Hidden
 files and folders (".ipynb_checkpoints", ...) are ignored. Ids are paths relative to root.
+
+Symbolic links are followed once: a split folder, class folder or image file that is a link is read
+where it points (its id is still its path under root). Class folders are read one level deep: a
+folder inside a class folder is not searched (a warning names it). A link that loops (to itself, a
+chain that comes back, or a folder that contains it), a link whose target is missing, and two
+entries that lead to the same folder are errors (``DatasetError``, exit 2) naming the path.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +34,7 @@ from privbench.datasets.base import (
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 SPLIT_NAMES = frozenset({"training", "testing", "train", "test"})
 DATA_DIR_ENV = "PRIVBENCH_DATA_DIR"
+log = logging.getLogger(__name__)
 RESIZE_METHOD = (
     "PIL Image.resize to image_size x image_size with Resampling.BILINEAR "
     "(antialiased on downscale), aspect ratio not preserved, full-resolution decode"
@@ -121,6 +130,8 @@ class BrainTumorMRI(ImageFolder):
 
 def scan(root: Path) -> FolderScan:
     """List class folders and image files under ``root`` (no decoding); DatasetError if unusable."""
+    if root.is_symlink():
+        _follow(root)
     if not root.exists():
         raise DatasetError(
             f"dataset folder {root} does not exist. Check the path (--data-root, "
@@ -145,6 +156,14 @@ def scan(root: Path) -> FolderScan:
             f"dataset folder {root} has no class folders. Expected {root}/<class>/*.jpg (or .png, "
             f".bmp, .tif) or {root}/Training/<class>/*.jpg and {root}/Testing/<class>/*.jpg."
         )
+    seen: dict[str, Path] = {}
+    for d in [*splits, *class_dirs]:
+        real = os.path.realpath(d)
+        if real in seen:
+            raise DatasetError(
+                f"dataset folders {seen[real]} and {d} lead to the same folder {real} (through a symbolic link), so "
+                f"its images would be read twice. Remove one of them.")
+        seen[real] = d
     class_names = tuple(sorted({d.name for d in class_dirs}))
     entries: list[tuple[str, int, int]] = []
     for d in class_dirs:
@@ -199,16 +218,69 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return im
 
 
+def _follow(path: Path) -> str:
+    """Where the symbolic link ``path`` leads (followed to the end); DatasetError if it loops or dangles."""
+    try:
+        return os.path.realpath(path, strict=True)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DatasetError(
+                f"{path} is a symbolic link that loops ({exc.strerror}): it leads back to itself. Remove the link or "
+                f"point it at the folder or image it stands for.") from None
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise DatasetError(
+            f"{path} is a symbolic link to {target}, which cannot be read ({exc.strerror}). Fix or remove the "
+            f"link.") from None
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """``"dir"``, ``"file"`` or ``"other"``, following a symbolic link once; DatasetError for a link that loops
+    or dangles, or a folder link that leads to a folder containing it (reading it would loop)."""
+    if entry.is_symlink():
+        real = _follow(Path(entry.path))
+        if os.path.isdir(real):
+            parent = os.path.realpath(os.path.dirname(entry.path))
+            if parent == real or parent.startswith(real.rstrip(os.sep) + os.sep):
+                raise DatasetError(
+                    f"{entry.path} is a symbolic link to {real}, a folder that contains the link itself: following "
+                    f"it would loop. Remove the link.")
+            return "dir"
+        return "file" if os.path.isfile(real) else "other"
+    try:
+        return "dir" if entry.is_dir(follow_symlinks=False) else "file" if entry.is_file(follow_symlinks=False) else "other"
+    except OSError as exc:
+        raise DatasetError(f"cannot read {entry.path} ({exc.strerror}).") from None
+
+
+def _listing(folder: Path) -> list[tuple[os.DirEntry, str]]:
+    """The visible entries of ``folder`` with their kind (symbolic links followed once)."""
+    try:
+        with os.scandir(folder) as it:
+            entries = [e for e in it if not e.name.startswith(".")]
+    except OSError as exc:
+        raise DatasetError(f"cannot list dataset folder {folder} ({exc.strerror}).") from None
+    return [(e, _kind(e)) for e in entries]
+
+
 def _subdirs(folder: Path) -> list[Path]:
-    with os.scandir(folder) as it:
-        return sorted(Path(e.path) for e in it if e.is_dir() and not e.name.startswith("."))
+    return sorted(Path(e.path) for e, kind in _listing(folder) if kind == "dir")
 
 
 def _images(folder: Path) -> list[tuple[str, int]]:
-    """(path, size in bytes) of the image files directly inside ``folder``."""
-    with os.scandir(folder) as it:
-        return [
-            (e.path, e.stat().st_size)
-            for e in it
-            if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file()
-        ]
+    """(path, size in bytes) of the image files directly inside ``folder`` (links followed once)."""
+    out, skipped = [], []
+    for e, kind in _listing(folder):
+        if kind == "dir":
+            skipped.append(e.name)
+        elif kind == "file" and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES:
+            try:
+                out.append((e.path, e.stat().st_size))
+            except OSError as exc:
+                raise DatasetError(f"cannot read image file {e.path} ({exc.strerror}).") from None
+    if skipped:
+        log.warning("class folder %s: sub-folder(s) %s not searched (class folders are read one level deep)",
+                    folder, ", ".join(sorted(skipped)))
+    return out

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 
 from privbench.datasets.base import DatasetError, ImageDataset
+from privbench.params import bounded, check_instance
+
+MAX_SPLIT_COUNT = 10**9
 
 DOWNSAMPLE = 16  # near-duplicate comparison grid, pixels per side
 _CHUNK = 1024  # rows per block of the pairwise-distance computation
@@ -24,12 +27,12 @@ _CHUNK = 1024  # rows per block of the pairwise-distance computation
 class SplitSpec:
     """Split sizes as fractions of the de-duplicated pool, or absolute counts (which win)."""
 
-    members_fraction: float = 0.5
-    nonmembers_fraction: float = 0.25  # auxiliary gets the rest
-    members: int | None = None  # absolute counts override the fractions when given
-    nonmembers: int | None = None
-    auxiliary: int | None = None
-    near_duplicate_rms: float = 0.01  # RMS pixel difference (images in [0,1]) on a 16x16 grayscale downsample below which two images are near duplicates
+    members_fraction: float = bounded(0.5, gt=0, lt=1)
+    nonmembers_fraction: float = bounded(0.25, gt=0, lt=1)  # auxiliary gets the rest
+    members: int | None = bounded(None, ge=1, le=MAX_SPLIT_COUNT)  # absolute counts override the fractions when given
+    nonmembers: int | None = bounded(None, ge=1, le=MAX_SPLIT_COUNT)
+    auxiliary: int | None = bounded(None, ge=1, le=MAX_SPLIT_COUNT)
+    near_duplicate_rms: float = bounded(0.01, ge=0, le=1)  # RMS pixel difference (images in [0,1]) on a 16x16 grayscale downsample below which two images are near duplicates
 
     def __post_init__(self) -> None:
         for name in ("members_fraction", "nonmembers_fraction"):
@@ -50,6 +53,10 @@ class SplitSpec:
         r = self.near_duplicate_rms
         if isinstance(r, bool) or not isinstance(r, (int, float)) or r < 0:
             raise DatasetError(f"split spec: near_duplicate_rms must be >= 0 (0 disables it), got {r!r}.")
+        try:
+            check_instance(self)
+        except ValueError as exc:
+            raise DatasetError(f"split spec: {exc}.") from None
 
 
 @dataclass(frozen=True, eq=False)

@@ -51,6 +51,7 @@ from privbench.defenses.base import (
     released_model_observation,
 )
 from privbench.deps import require
+from privbench.params import bounded
 from privbench.threat import Observation, Surface, UpdateRule, Victim
 from privbench.training import TrainParams, accuracy, make_optimizer
 
@@ -71,9 +72,9 @@ class DPParams(TrainParams):
     or ``rdp`` (Mironov 2017), both upper bounds.
     """
 
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    epsilon: float = bounded(8.0, gt=0, le=1e6, allow_inf=True)
+    delta: float = bounded(1e-5, gt=0, lt=1)
+    max_grad_norm: float = bounded(1.0, gt=0, le=1e6)
     accountant: Accountant = "prv"
 
     def __post_init__(self) -> None:

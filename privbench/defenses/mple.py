@@ -58,6 +58,7 @@ from privbench.defenses.base import (
     released_model_observation,
 )
 from privbench.morphing import AugmentedConv, ConvGeometry, MorphingError
+from privbench.params import bounded
 from privbench.threat import MorphedLayer, Observation, SharedData, Surface, Victim
 from privbench.training import TensorSet, TrainParams, accuracy, train_classifier
 
@@ -72,9 +73,9 @@ class FirstLayerParams:
 @dataclass(frozen=True)
 class MpLeParams(TrainParams, FirstLayerParams):
     matrix: Literal["orthogonal", "gaussian"] = "orthogonal"  # kind of the secret morphing matrix M
-    max_condition: float = 1e4  # a gaussian M is redrawn until its condition number is below this
+    max_condition: float = bounded(1e4, gt=1, le=1e16)  # a gaussian M is redrawn until its condition number is below this
     cr_secret: bool = False  # keep C_r from the service provider (only C_ac reveals it)
-    max_memory_gb: float = 0.0  # refuse configurations whose matrices need more; 0: half the available memory
+    max_memory_gb: float = bounded(0.0, ge=0, le=1e6)  # refuse configurations whose matrices need more; 0: half the available memory
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -18,17 +18,18 @@ from torch.nn import functional as F
 
 from privbench import registry
 from privbench.config import ConfigError
+from privbench.params import bounded
 
 
 @dataclass(frozen=True)
 class CapsNetParams:
-    width: int = 32  # channels of the first convolution
-    primary_types: int = 4  # primary capsule channels (capsule types)
-    primary_dim: int = 8  # pose dimensions of a primary capsule
-    class_dim: int = 16  # pose dimensions of a class capsule
-    routing_iterations: int = 3
-    kernel: int = 9  # kernel of both convolutions (9 as in the paper; 5 for 16x16 inputs)
-    logit_scale: float = 10.0  # logits = logit_scale * capsule length (lengths are in [0, 1))
+    width: int = bounded(32, ge=1, le=4096)  # channels of the first convolution
+    primary_types: int = bounded(4, ge=1, le=1024)  # primary capsule channels (capsule types)
+    primary_dim: int = bounded(8, ge=1, le=1024)  # pose dimensions of a primary capsule
+    class_dim: int = bounded(16, ge=1, le=1024)  # pose dimensions of a class capsule
+    routing_iterations: int = bounded(3, ge=1, le=1000)
+    kernel: int = bounded(9, ge=1, le=64)  # kernel of both convolutions (9 as in the paper; 5 for 16x16 inputs)
+    logit_scale: float = bounded(10.0, gt=0, le=1e6)  # logits = logit_scale * capsule length (lengths are in [0, 1))
 
     def __post_init__(self) -> None:
         if min(self.width, self.primary_types, self.primary_dim, self.class_dim, self.routing_iterations,

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from privbench import registry
+from privbench.params import bounded
 
 
 @dataclass(frozen=True)
 class ConvNetParams:
-    width: int = 32  # channels of the first convolution; the second has 2x
-    hidden: int = 128  # units of the hidden linear layer
+    width: int = bounded(32, ge=1, le=4096)  # channels of the first convolution; the second has 2x
+    hidden: int = bounded(128, ge=1, le=65_536)  # units of the hidden linear layer
 
 
 @registry.models.register("convnet")

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from privbench import registry
+from privbench.params import bounded
 
 
 @dataclass(frozen=True)
 class LeNetParams:
-    width: int = 12  # channels of each convolution
-    init_range: float = 0.5  # weights and biases drawn from U(-init_range, init_range)
+    width: int = bounded(12, ge=1, le=4096)  # channels of each convolution
+    init_range: float = bounded(0.5, gt=0, le=1000)  # weights and biases drawn from U(-init_range, init_range)
 
 
 class LeNetDLG(nn.Module):

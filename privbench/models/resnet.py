@@ -9,12 +9,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from privbench import registry
+from privbench.params import bounded
 
 
 @dataclass(frozen=True)
 class ResNetParams:
-    depth: int = 8  # 6n+2: 8 (one block per stage), 14, 20 (three blocks per stage)
-    width: int = 16  # channels of the first stage; the later stages have 2x and 4x
+    depth: int = bounded(8, ge=8, le=1000)  # 6n+2: 8 (one block per stage), 14, 20 (three blocks per stage)
+    width: int = bounded(16, ge=1, le=4096)  # channels of the first stage; the later stages have 2x and 4x
 
     def __post_init__(self) -> None:
         if (self.depth - 2) % 6 != 0 or self.depth < 8:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from privbench import registry
+from privbench.params import bounded
 
 # Output channels of the 13 convolutions; "M" is a 2x2 max-pool.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -14,9 +15,9 @@ VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 
 @dataclass(frozen=True)
 class VGGParams:
-    width: float = 1.0  # channel multiplier: 1.0 is VGG-16's 64..512 channels
+    width: float = bounded(1.0, gt=0, le=64)  # channel multiplier: 1.0 is VGG-16's 64..512 channels
     batch_norm: bool = True  # BatchNorm after every convolution (VGG-16-BN); trains from scratch reliably
-    hidden: int = 512  # units of the hidden classifier layer
+    hidden: int = bounded(512, ge=1, le=65_536)  # units of the hidden classifier layer
 
     def __post_init__(self) -> None:
         if self.width <= 0 or self.hidden < 1:

@@ -63,6 +63,7 @@ from privbench.defenses.gascnn.snn import (
 )
 from privbench.defenses.gascnn.synthesis import SynthesisParams, synthesize, train_generator
 from privbench.deps import require
+from privbench.params import bounded
 from privbench.threat import Observation, Surface, Victim
 from privbench.training import TrainParams, accuracy
 
@@ -82,6 +83,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
+MAX_TIMESTEPS = 4096  # T of the SNN, and of each point of the accuracy-vs-T curve
+
+
 @dataclass(frozen=True)
 class GASCNNParams(TrainParams):
     """Teacher training (TrainParams), then synthesis, conversion and spike-learning settings.
@@ -90,20 +94,20 @@ class GASCNNParams(TrainParams):
     """
 
     profile: Literal["quick", "reference"] = "quick"
-    synthesis_steps: int | None = None
-    generator_width: int = 32
-    synthetic_size: int | None = None
-    validation_fraction: float = 0.1  # part of the synthetic set used to select the threshold percentile
+    synthesis_steps: int | None = bounded(None, ge=1, le=10**7)
+    generator_width: int = bounded(32, ge=1, le=4096)
+    synthetic_size: int | None = bounded(None, ge=10, le=10**7)
+    validation_fraction: float = bounded(0.1, gt=0, lt=1)  # part of the synthetic set used to select the threshold percentile
     encoding: Literal["direct", "poisson"] = "direct"
-    timesteps: int | None = None  # T of spike learning and of the released SNN
-    percentile: float | None = None  # threshold balancing percentile; 0: select from PERCENTILE_CANDIDATES (98..100) on the synthetic validation
-    finetune_epochs: int | None = None
-    finetune_lr: float = 1e-4
-    finetune_batch_size: int = 64
-    distill_temperature: float = 4.0
-    surrogate_slope: float = 2.0  # atan surrogate steepness
+    timesteps: int | None = bounded(None, ge=1, le=MAX_TIMESTEPS)  # T of spike learning and of the released SNN
+    percentile: float | None = bounded(None, ge=0, le=100)  # threshold balancing percentile; 0: select from PERCENTILE_CANDIDATES (98..100) on the synthetic validation
+    finetune_epochs: int | None = bounded(None, ge=0, le=100_000)
+    finetune_lr: float = bounded(1e-4, gt=0, le=100)
+    finetune_batch_size: int = bounded(64, ge=1, le=65_536)
+    distill_temperature: float = bounded(4.0, gt=0, le=1e4)
+    surrogate_slope: float = bounded(2.0, gt=0, le=1e4)  # atan surrogate steepness
     curve: str | None = None  # T values of the accuracy / energy curve ("" for none)
-    curve_images: int | None = None  # nonmembers evaluated per curve point (0: all); the release accuracy uses all
+    curve_images: int | None = bounded(None, ge=0, le=10**9)  # nonmembers evaluated per curve point (0: all); the release accuracy uses all
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,13 +123,14 @@ class GASCNNParams(TrainParams):
         try:
             _ = self.curve_timesteps
         except ValueError as exc:
-            raise ValueError(f"curve must be comma-separated positive integers, got {self.curve!r}") from exc
+            raise ValueError(f"curve must be comma-separated integers in [1, {MAX_TIMESTEPS}], got "
+                             f"{self.curve!r}") from exc
 
     @property
     def curve_timesteps(self) -> list[int]:
         values = [int(v) for v in self.curve.split(",") if v.strip()]
-        if any(v < 1 for v in values):
-            raise ValueError("curve values must be >= 1")
+        if any(not 1 <= v <= MAX_TIMESTEPS for v in values):
+            raise ValueError(f"curve values must be in [1, {MAX_TIMESTEPS}]")
         return values
 
     def teacher(self) -> TrainParams:

@@ -74,6 +74,7 @@ from privbench.defenses.he.schemes import (
     PlainKeys,
 )
 from privbench.deps import require
+from privbench.params import bounded
 from privbench.threat import GradientUpdate, Observation, Surface, Victim
 from privbench.training import accuracy
 
@@ -99,20 +100,20 @@ class HEParams:
     protocol variant in which the aggregator also receives each new global model.
     """
 
-    clients: int = 4
-    rounds: int = 50
-    local_steps: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    dirichlet_alpha: float | None = None
+    clients: int = bounded(4, ge=1, le=1024)
+    rounds: int = bounded(50, ge=0, le=10**6)
+    local_steps: int = bounded(1, ge=1, le=10**6)
+    batch_size: int = bounded(32, ge=1, le=65_536)
+    lr: float = bounded(0.05, gt=0, le=100)
+    dirichlet_alpha: float | None = bounded(None, gt=0, le=1e6)
     scheme: Scheme = "ckks"
-    poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40, 60)
-    scale_bits: int = 40
-    paillier_key_bits: int = 2048
-    paillier_precision: float = 1e-12
+    poly_modulus_degree: int = bounded(8192, ge=1024, le=32_768)
+    coeff_mod_bit_sizes: tuple[int, ...] = bounded((60, 40, 40, 60), ge=1, le=60)
+    scale_bits: int = bounded(40, ge=1, le=60)
+    paillier_key_bits: int = bounded(2048, ge=256, le=16_384)
+    paillier_precision: float = bounded(1e-12, gt=0, lt=1)
     paillier_pack: bool = False
-    paillier_pack_bound: float = 64.0
+    paillier_pack_bound: float = bounded(64.0, gt=0, le=1e12)
     observer: Observer = "aggregator"
     aggregator_sees_models: bool = False
 
