@@ -286,14 +286,18 @@ def _utility_line(result) -> str:
 def list_components(
     kind: Annotated[str | None, typer.Argument(help="defenses, attacks, datasets, models or metrics.")] = None,
 ) -> None:
-    """Every registered component with its kind, origin and description."""
+    """Every registered component with its kind, origin and description; then each plugin that cannot be used, and why."""
     kinds = [kind] if kind else list(registry.ALL)
     table = Table("kind", "name", "origin", "description")
+    broken = Table("kind", "name", "error", title="plugins that cannot be used (fix or uninstall them, or run with --no-plugins)")
     try:
         for k in kinds:
             if k not in registry.ALL:
                 raise registry.UnknownNameError("kinds", k, list(registry.ALL))
-            for entry in registry.ALL[k].entries():
+            loaded, failed = registry.ALL[k].survey()
+            for name, error in failed.items():
+                broken.add_row(k, escape(name), escape(error))
+            for entry in loaded:
                 extra = ""
                 for attr in ("surface", "family"):
                     value = getattr(entry.obj, attr, None)
@@ -303,6 +307,8 @@ def list_components(
     except registry.RegistryError as exc:
         _fail_input(exc)
     console.print(table)
+    if broken.row_count:
+        console.print(broken)
 
 
 @app.command()
