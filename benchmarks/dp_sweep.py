@@ -189,7 +189,7 @@ def main() -> None:
                f"{r['baseline_psnr']:.2f}", f"{r['noise_multiplier']:.4g}", f"{r['epsilon_spent']:.4g}",
                f"{r['target_accuracy']:.4f}", f"{r['twin_accuracy']:.4f}")
         print("  ".join(f"{c:>{w}}" for c, w in zip(row, widths, strict=True)) + f"   PSNR per seed {r['psnr_all']}")
-    for attack in dict.fromkeys(r["attack"] for r in table):
+    for attack in dict.fromkeys(r["attack"] for r in table if r["epsilon"] is not None):  # a sweep over epsilon
         eps, monotone = largest_epsilon_near_baseline(table, attack)
         if eps is None:
             print(f"{attack}: at no epsilon is the median PSNR within {BASELINE_MARGIN_DB:g} dB of the baseline")

@@ -326,23 +326,29 @@ def _utility_line(result) -> str:
 def list_components(
     kind: Annotated[str | None, typer.Argument(help="defenses, attacks, datasets, models or metrics.")] = None,
 ) -> None:
-    """Every registered component with its kind, origin and description."""
+    """Every registered component with its kind, origin and description; then each plugin that cannot be used, and why."""
     kinds = [kind] if kind else list(registry.ALL)
     table = Table("kind", "name", "origin", "description")
+    broken = Table("kind", "name", "error", title="plugins that cannot be used (fix or uninstall them, or run with --no-plugins)")
     try:
         for k in kinds:
             if k not in registry.ALL:
                 raise registry.UnknownNameError("kinds", k, list(registry.ALL))
-            for entry in registry.ALL[k].entries():
+            loaded, failed = registry.ALL[k].survey()
+            for name, error in failed.items():
+                broken.add_row(k, _text(name), _text(error))
+            for entry in loaded:
                 extra = ""
                 for attr in ("surface", "family"):
                     value = getattr(entry.obj, attr, None)
                     if value is not None and not callable(value):
                         extra += f" [{attr}: {getattr(value, 'value', value)}]"
-                table.add_row(k, entry.name, entry.origin.describe(), entry.description + extra)
+                table.add_row(k, _text(entry.name), _text(entry.origin.describe()), _text(entry.description + extra))
     except registry.RegistryError as exc:
         _fail_input(exc)
     console.print(table)
+    if broken.row_count:
+        console.print(broken)
 
 
 @app.command()

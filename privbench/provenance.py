@@ -115,12 +115,16 @@ def versions(plugins: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def plugin_versions(config: "RunConfig") -> dict[str, str]:
-    """Versions of the distributions any named plugin component came from."""
+    """Versions of the distributions any named plugin component came from (the attack family's scorer included)."""
     from privbench import registry
 
     out = {}
+    family = getattr(registry.attacks.get(config.attack), "family", None)
     for reg, name in ((registry.defenses, config.defense), (registry.attacks, config.attack),
-                      (registry.models, config.model), (registry.datasets, config.dataset.split(":", 1)[0])):
+                      (registry.models, config.model), (registry.datasets, config.dataset.split(":", 1)[0]),
+                      (registry.metrics, family)):
+        if name is None or name not in reg:
+            continue
         origin = reg.entry(name).origin
         if origin.source == "plugin" and origin.distribution:
             out[f"plugin:{origin.distribution}"] = origin.version or "?"

@@ -57,8 +57,14 @@ def train_classifier(
     params: TrainParams,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
+    before_step: Callable[[nn.Module], None] | None = None,
 ) -> dict:
-    """Train ``model`` in place on ``data``; returns the training record (losses, time in s)."""
+    """Train ``model`` in place on ``data``; returns the training record (losses, time in s).
+
+    ``before_step(model)``, if given, runs after each minibatch's backward pass and before the optimizer's
+    step: a defense that transforms every training gradient (pruning, quantising) edits the ``.grad`` of the
+    parameters there, and otherwise trains exactly as plain training does (same order, same optimizer).
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(params, model.parameters())
     n = len(data)
@@ -75,6 +81,8 @@ def train_classifier(
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(data.images[idx]), data.labels[idx])
             loss.backward()
+            if before_step is not None:
+                before_step(model)
             optimizer.step()
             total += loss.item() * len(idx)
             seen += len(idx)

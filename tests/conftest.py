@@ -18,3 +18,62 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class PluginSite:
+    """A folder on sys.path where tests install throwaway plugin distributions: a real ``*.dist-info``
+    (METADATA, entry_points.txt) beside the plugin's modules, as ``pip install`` leaves them."""
+
+    def __init__(self, root):
+        self.root = root
+        self.modules: set[str] = set()
+
+    def install(self, distribution: str, version: str, entry_points: dict, files: dict) -> None:
+        """``entry_points``: group -> {name: "module:object"}; ``files``: path relative to the site -> text."""
+        import importlib
+
+        info = self.root / f"{distribution.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+        lines = []
+        for group, names in entry_points.items():
+            lines.append(f"[{group}]")
+            lines += [f"{name} = {value}" for name, value in names.items()]
+        (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+        for relative, text in files.items():
+            path = self.root / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            self.modules.add(relative.split("/")[0].removesuffix(".py"))
+        importlib.invalidate_caches()
+        _forget_plugins()
+
+
+def _forget_plugins() -> None:
+    """Drop every registry's entry-point scan and plugin entries (built-ins stay registered)."""
+    from privbench import registry
+
+    for reg in registry.ALL.values():
+        reg._plugin_eps, reg._clashes = None, {}
+        reg._entries = {name: e for name, e in reg._entries.items() if e.origin.source == "builtin"}
+
+
+@pytest.fixture
+def plugin_site(tmp_path, monkeypatch):
+    """Install plugin distributions for one test; afterwards they, their modules and their registrations are gone."""
+    import sys
+
+    from privbench import registry
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(registry, "PLUGINS_ENABLED", True)
+    installed = PluginSite(site)
+    _forget_plugins()
+    yield installed
+    for name in list(sys.modules):
+        if name.split(".")[0] in installed.modules:
+            del sys.modules[name]
+    monkeypatch.undo()  # sys.path first, so the rescan below no longer sees the site
+    _forget_plugins()

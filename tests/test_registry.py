@@ -47,8 +47,8 @@ class _FakeEntryPoint:
         return self._loader()
 
 
-def _with_entry_points(monkeypatch, eps):
-    monkeypatch.setattr(md, "entry_points", lambda group: [e for e in eps if group == "privbench.defenses"])
+def _with_entry_points(monkeypatch, eps, group="privbench.things"):
+    monkeypatch.setattr(md, "entry_points", lambda group=group, _g=group: [e for e in eps if group == _g])
 
 
 def test_entry_point_plugin_is_loaded_lazily_when_named(monkeypatch):
@@ -62,10 +62,11 @@ def test_entry_point_plugin_is_loaded_lazily_when_named(monkeypatch):
         return PluginDefense
 
     _with_entry_points(monkeypatch, [_FakeEntryPoint("plug", "pkg.mod:PluginDefense", loader)])
-    reg = Registry("defenses", {})
+    reg = Registry("things", {})
     assert reg.names() == ["plug"] and loaded == []
     entry = reg.entry("plug")
     assert entry.obj is PluginDefense and entry.origin.source == "plugin" and loaded == [True]
+    assert entry.origin.entry_point == "plug" and PluginDefense.registry_name == "plug"
 
 
 def test_plugin_that_raises_on_import_gives_a_clear_error(monkeypatch):
@@ -73,17 +74,52 @@ def test_plugin_that_raises_on_import_gives_a_clear_error(monkeypatch):
         raise ImportError("no module named foo")
 
     _with_entry_points(monkeypatch, [_FakeEntryPoint("broken", "pkg.mod:X", loader)])
-    with pytest.raises(PluginLoadError, match="'broken'.*failed to load.*no module named foo.*--no-plugins"):
-        Registry("defenses", {}).get("broken")
+    with pytest.raises(PluginLoadError, match="'broken'.*entry point broken = pkg.mod:X.*failed to load.*"
+                                              "no module named foo.*--no-plugins"):
+        Registry("things", {}).get("broken")
 
 
-def test_plugin_shadowing_a_builtin_name_raises(monkeypatch):
-    _with_entry_points(monkeypatch, [_FakeEntryPoint("none", "pkg.mod:X", lambda: object)])
-    with pytest.raises(DuplicateNameError, match="'none' is registered twice"):
-        Registry("defenses", {"none": "privbench.defenses.none"}).names()
+def test_plugin_shadowing_a_builtin_name_is_refused_where_the_name_is_used(monkeypatch):
+    _with_entry_points(monkeypatch, [_FakeEntryPoint("none", "pkg.mod:X", lambda: object)], "privbench.defenses")
+    reg = registry.defenses
+    monkeypatch.setattr(reg, "_plugin_eps", None)  # rescanned now, restored after the test
+    monkeypatch.setattr(reg, "_clashes", {})
+    assert "none" in reg.names() and "dp" in reg.names()  # listing still works
+    with pytest.raises(DuplicateNameError, match=r"'none' is registered twice: by built-in \(privbench.defenses.none\) "
+                                                 r"and by plugin an unknown distribution \(entry point none = pkg.mod:X\)"):
+        reg.get("none")
+    assert reg.get("dp").__name__ == "DPSGD"  # other names keep working
+    loaded, broken = reg.survey()
+    assert "dp" in [e.name for e in loaded] and list(broken) == ["none"]
+    monkeypatch.setattr(registry, "PLUGINS_ENABLED", False)
+    assert reg.get("none").__name__ == "NoDefense"  # --no-plugins: the built-in
+
+
+def test_a_plugin_using_the_decorator_is_attributed_to_its_distribution(monkeypatch):
+    reg = Registry("things", {"builtin": "privbench.defenses.none"})
+
+    def loader():
+        @reg.register("decorated")
+        class Decorated:
+            """Registers itself while its entry point loads."""
+
+        return Decorated
+
+    def stealer():
+        @reg.register("builtin")
+        class Thief:
+            pass
+
+        return Thief
+
+    _with_entry_points(monkeypatch, [_FakeEntryPoint("decorated", "pkg.mod:Decorated", loader),
+                                     _FakeEntryPoint("other", "pkg.other:Thief", stealer)])
+    assert reg.entry("decorated").origin.source == "plugin"
+    with pytest.raises(DuplicateNameError, match="'builtin' is registered twice: by built-in"):
+        reg.get("other")
 
 
 def test_no_plugins_ignores_entry_points(monkeypatch):
     _with_entry_points(monkeypatch, [_FakeEntryPoint("plug", "pkg.mod:X", lambda: object)])
     monkeypatch.setattr(registry, "PLUGINS_ENABLED", False)
-    assert "plug" not in Registry("defenses", {}).names()
+    assert "plug" not in Registry("things", {}).names()

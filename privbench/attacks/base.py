@@ -56,10 +56,17 @@ class AttackOutput:
 
 
 class Attack(ABC):
+    """Base class of every attack. Subclasses set the class attributes and a ``Params`` dataclass."""
+
     Params: ClassVar[type]
     description: ClassVar[str] = ""
     surface: ClassVar[Surface]
     family: ClassVar[Family]
+    stochastic: ClassVar[bool] = False  # does the output depend on the attack's seed (random starts, shadow draws)?
+    # For the conformance kit (privbench.testing): parameters for its tiny problem, and the registered defense whose
+    # tiny target it attacks (one that exposes ``surface``; ``none`` passes every surface but SHARED_DATA through).
+    tiny_params: ClassVar[dict[str, Any]] = {}
+    tiny_defense: ClassVar[str | type] = "none"  # a registered name, or the defense class itself
 
     def __init__(self, params: Any, seed: int):
         self.params = params

@@ -181,6 +181,8 @@ class GradientInversion(Attack):
     Params = GradientInversionParams
     surface = Surface.GRADIENTS
     family = "reconstruction"
+    stochastic = True  # random starts (images, soft labels) drawn from the attack seed
+    tiny_params = {"steps": 2, "restarts": 2, "lbfgs_max_iter": 4}
 
     def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
         update = observation.gradient_update
@@ -230,6 +232,11 @@ class GradientInversion(Attack):
             },
         )
 
+    def gradient_distance(self, dummy: tuple[torch.Tensor, ...], target: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The objective's distance between a dummy update and the shared one (``distance``: l2 or cosine), also
+        the restart score. An adaptive variant overrides it to model what the defense did to the update."""
+        return DISTANCES[self.params.distance](dummy, target)
+
     def _prior_guess(self, update: GradientUpdate) -> AttackOutput:
         """No plaintext to invert: mid-gray images and class 0, what an attacker guesses knowing nothing."""
         shape = (update.batch_size, *update.input_shape)
@@ -266,7 +273,7 @@ class GradientInversion(Attack):
         model = update.model
         params = [q for q in model.parameters() if q.requires_grad]
         target = mean_scale(update)
-        distance_fn = DISTANCES[p.distance]
+        distance_fn = self.gradient_distance
         shape = (update.batch_size, *update.input_shape)
         image_input = update.morphed is None  # image priors (box, TV) only where the input is an image
         boxed, tv_weight = p.boxed and image_input, p.tv_weight if image_input else 0.0
@@ -338,7 +345,7 @@ class GradientInversion(Attack):
         value = 0.0
         for _ in range(self.params.eot_samples):
             dummy = dummy_update(model, params, images, labels_or_logits, update.rule, create_graph=False)
-            value += float(DISTANCES[self.params.distance](dummy, mean_scale(update))) / self.params.eot_samples
+            value += float(self.gradient_distance(dummy, mean_scale(update))) / self.params.eot_samples
         return value if value == value else float("inf")
 
 
@@ -367,6 +374,7 @@ class InvertingGradients(GradientInversion):
         "Inverting Gradients (Geiping et al. 2020): cosine distance, TV prior, signed Adam with lr drops; "
         "works on ReLU networks."
     )
+    tiny_params = {"steps": 8, "restarts": 2}
 
 
 @dataclass(frozen=True)
@@ -381,6 +389,8 @@ class SNNDLGParams(GradientInversionParams):
 
 class _SpikingAdaptive(GradientInversion):
     """Adaptive variants for spiking targets: they require the model to be a spiking network (T, encoder)."""
+
+    tiny_defense = "gascnn"
 
     def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
         update = observation.gradient_update
@@ -408,6 +418,7 @@ class SNNInvertingGradients(_SpikingAdaptive):
 
     Params = SNNInvertingGradientsParams
     description = "Inverting Gradients adapted to SNNs: EOT over encoder samples, straight-through rate input."
+    tiny_params = {"steps": 4, "restarts": 1}
 
 
 @registry.attacks.register("dlg-snn")
@@ -416,3 +427,4 @@ class SNNDLG(_SpikingAdaptive):
 
     Params = SNNDLGParams
     description = "DLG adapted to SNNs: EOT over encoder samples, straight-through rate input."
+    tiny_params = {"steps": 2, "restarts": 1, "lbfgs_max_iter": 4}

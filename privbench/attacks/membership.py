@@ -24,6 +24,7 @@ membership it withheld.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,6 +118,8 @@ class ShadowModels(MembershipAttack):
 
     Params = ShadowParams
     description = "Shadow models (Shokri et al. 2017) trained through the target's defense, ART black-box attack model."
+    stochastic = True  # which auxiliary images each shadow trains on, the shadows' seeds, the attack model's fit
+    tiny_params = {"shadows": 2, "min_shadow_images": 8}
 
     def check_setting(self, setting: AttackSetting) -> None:
         _require_art()
@@ -172,13 +175,15 @@ class ShadowModels(MembershipAttack):
         if model_progress := substage(progress, "attack model"):
             model_progress(0, 1)  # ended by the scoring stage
         k = cand.num_classes
-        estimator = PyTorchClassifier(first, loss=torch.nn.CrossEntropyLoss(), input_shape=cand.image_shape, nb_classes=k)
-        art = MembershipInferenceBlackBox(estimator, input_type="prediction", attack_model_type=p.attack_model)
         onehot = np.eye(k, dtype=np.float32)
-        art.fit(y=onehot[np.concatenate(y_in)], pred=np.concatenate(preds_in).astype(np.float32),
-                test_y=onehot[np.concatenate(y_out)], test_pred=np.concatenate(preds_out).astype(np.float32))
         target_probs = F.softmax(query_logits(observation, cand.images, False), 1).numpy().astype(np.float32)
-        scores = art.infer(None, onehot[cand.labels.numpy()], pred=target_probs, probabilities=True)
+        with _seeded_global_rngs(self.seed):
+            estimator = PyTorchClassifier(first, loss=torch.nn.CrossEntropyLoss(), input_shape=cand.image_shape,
+                                          nb_classes=k)
+            art = MembershipInferenceBlackBox(estimator, input_type="prediction", attack_model_type=p.attack_model)
+            art.fit(y=onehot[np.concatenate(y_in)], pred=np.concatenate(preds_in).astype(np.float32),
+                    test_y=onehot[np.concatenate(y_out)], test_pred=np.concatenate(preds_out).astype(np.float32))
+            scores = art.infer(None, onehot[cand.labels.numpy()], pred=target_probs, probabilities=True)
         scores = np.asarray(scores, dtype=np.float64).reshape(len(cand), -1)[:, -1]
         return AttackOutput(
             scores=scores, decisions=scores >= 0.5,
@@ -186,6 +191,21 @@ class ShadowModels(MembershipAttack):
                   "attack_model": f"ART MembershipInferenceBlackBox({p.attack_model})",
                   "data": "shadow data (auxiliary) disjoint from the candidates"},
         )
+
+
+@contextlib.contextmanager
+def _seeded_global_rngs(seed: int):
+    """ART's attack models take no seed: scikit-learn's draw from numpy's global RNG, the ``nn`` model from torch's.
+    Both are seeded from the attack seed while ART fits and scores, and restored afterwards, so a run is
+    reproducible from its seed."""
+    state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(state)
 
 
 def _require_art() -> None:
@@ -250,6 +270,8 @@ class LiRA(MembershipAttack):
 
     Params = LiRAParams
     description = "LiRA (Carlini et al. 2022): balanced shadow ensemble, logit confidence, online/offline."
+    stochastic = True  # the shadows' inclusion design and seeds
+    tiny_params = {"shadows": 2}
 
     def check_setting(self, setting: AttackSetting) -> None:
         self._pool_plan(setting.n_members, setting.n_candidates, setting.n_auxiliary)

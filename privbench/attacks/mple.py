@@ -35,6 +35,7 @@ from privbench.threat import AttackError, GradientUpdate, MorphedLayer, Observat
 class SharedDataAttack(Attack):
     surface = Surface.SHARED_DATA
     family = "reconstruction"
+    tiny_defense = "mple"
 
     def _shared(self, observation: Observation) -> SharedData:
         if observation.shared is None:
@@ -190,6 +191,7 @@ class KnownPlaintext(SharedDataAttack):
 
     Params = KnownPlaintextParams
     description = "MpLe adaptive: n known (image, morphed) pairs -> minimum-norm/ridge estimate of M^-1 -> unmorph."
+    tiny_params = {"pairs": 8}
 
     def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
         shared = self._shared(observation)
@@ -221,6 +223,8 @@ class _MorphedGradientInversion(GradientInversion):
     ``t C_ac`` are the first-layer features of the victim's image; ``features_to_images`` identifies the
     filters and deconvolves, as ``mple-feature-leak`` does for the service provider.
     """
+
+    tiny_defense = "mple"
 
     def to_images(self, inputs: torch.Tensor, update: GradientUpdate,
                   observation: Observation) -> tuple[torch.Tensor, dict]:
@@ -255,3 +259,4 @@ class MorphedInvertingGradients(_MorphedGradientInversion):
     Params = InvertingGradientsParams
     description = ("MpLe adaptive gradient inversion: Inverting Gradients on morphed t (box and TV dropped), "
                    "then t C_ac deconvolved.")
+    tiny_params = {"steps": 8, "restarts": 2}

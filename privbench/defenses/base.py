@@ -65,6 +65,9 @@ class Defense(ABC):
     models: ClassVar[tuple[str, ...] | None] = None
     default_model: ClassVar[str] = "lenet"
     models_reason: ClassVar[str] = ""
+    # Parameters for the conformance kit's tiny problem (privbench.testing: 1x16x16 images, a few dozen of them):
+    # the fastest settings that still run every stage of the defense.
+    tiny_params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: Any):
         self.params = params
@@ -139,15 +142,20 @@ def check_model(defense_cls: type[Defense], model_name: str) -> None:
     raise ConfigError(f"defense {name!r} cannot run on model {model_name!r}: {why}. Use {use}.")
 
 
-def fit_plainly(model: nn.Module, members: "ImageDataset", params: Any, ctx: FitContext, stage: str = "train") -> Target:
-    """Plain supervised training of ``model`` under ``params`` (TrainParams), as a Target with its utility."""
+def fit_plainly(model: nn.Module, members: "ImageDataset", params: Any, ctx: FitContext, stage: str = "train",
+                before_step: Callable[[nn.Module], None] | None = None) -> Target:
+    """Plain supervised training of ``model`` under ``params`` (TrainParams), as a Target with its utility.
+
+    ``before_step(model)`` runs between each step's backward pass and the optimizer step (see
+    ``privbench.training.train_classifier``): the place for a defense that transforms training gradients.
+    """
     import copy
 
     from privbench.training import accuracy, train_classifier
 
     initial_state = copy.deepcopy(model.state_dict())
     progress = (lambda done, total: ctx.progress(stage, done, total)) if ctx.progress else None
-    record = train_classifier(model, members, params, ctx.seeds["train"], progress)
+    record = train_classifier(model, members, params, ctx.seeds["train"], progress, before_step=before_step)
     return Target(
         model=model.eval(),
         initial_state=initial_state,

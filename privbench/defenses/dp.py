@@ -316,6 +316,7 @@ class DPSGD(Defense):
     # vgg), and fix_model refuses one it cannot train with per-sample gradients before anything is trained.
     models = None
     default_model = "lenet"
+    tiny_params = {"epochs": 1, "batch_size": 16, "epsilon": 8.0, "accountant": "rdp"}  # rdp: a faster calibration
 
     def released_architecture(self, model: nn.Module) -> nn.Module:
         return fix_model(model)[0]

@@ -315,6 +315,7 @@ class MpLe(Defense):
     protects: frozenset[Surface] = frozenset()
     models = ("convnet", "vgg", "resnet")
     default_model = "convnet"
+    tiny_params = {"epochs": 1, "batch_size": 16}
     models_reason = ("MpLe folds its secret morphing into the layer the model applies first to the image, which must "
                      "be a stride-1, undilated, ungrouped convolution with a square kernel (lenet's first convolution "
                      "has stride 2; capsnet's has stride 2 on images of 64 px or more)")

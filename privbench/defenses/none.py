@@ -35,6 +35,7 @@ class NoDefense(Defense):
     protects = frozenset()
     models = None  # any registered model
     default_model = "lenet"
+    tiny_params = {"epochs": 1, "batch_size": 16}
 
     def fit(self, model: nn.Module, members, ctx: FitContext) -> Target:
         return fit_plainly(model, members, self.params, ctx)

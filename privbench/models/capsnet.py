@@ -92,6 +92,7 @@ class CapsNet:
     """Capsule network with dynamic routing (Sabour et al. 2017), slimmed (width 32, 4 x 8D primary types)."""
 
     Params = CapsNetParams
+    tiny_params = {"width": 8, "primary_types": 2, "kernel": 5}  # for the conformance kit (privbench.testing)
 
     @staticmethod
     def build(params: CapsNetParams, channels: int, image_size: int, num_classes: int) -> nn.Module:

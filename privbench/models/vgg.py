@@ -33,6 +33,7 @@ class VGG16:
     """
 
     Params = VGGParams
+    tiny_params = {"width": 0.125, "hidden": 16}  # for the conformance kit (privbench.testing)
 
     @staticmethod
     def build(params: VGGParams, channels: int, image_size: int, num_classes: int) -> nn.Module:

@@ -257,6 +257,8 @@ class GASCNN(Defense):
                      "ResNet, or a sequential ReLU network such as convnet); lenet's sigmoids have no spiking equivalent")
     differentiable = True  # through the surrogate spike gradient and the straight-through encoder
     stochastic = True  # with encoding=poisson
+    tiny_params = {"epochs": 1, "batch_size": 16, "synthesis_steps": 3, "synthetic_size": 40, "timesteps": 4,
+                   "finetune_epochs": 1, "curve": "", "percentile": 99.9}
 
     def __init__(self, params: GASCNNParams):
         require("snntorch", "the gascnn defense")

@@ -204,6 +204,8 @@ class HomomorphicFedAvg(Defense):
     stochastic = True  # fresh encryption randomness (CKKS decrypts with ~1e-9 noise)
     models = None  # any registered model: BatchNorm buffers are aggregated with the parameters (protocol.BUFFER_RULE)
     default_model = "lenet"
+    # the hospital observer sees a decrypted aggregate: the view where a leaked key or plaintext would show
+    tiny_params = {"rounds": 2, "clients": 3, "batch_size": 8, "observer": "hospital"}
 
     def __init__(self, params: HEParams):
         needed = {"ckks": "tenseal", "paillier": "phe"}.get(params.scheme)
