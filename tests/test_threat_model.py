@@ -36,8 +36,8 @@ CASES = {
     "mple-resnet": ("resnet", {"epochs": 1}),  # the morphed stem: not a sequential model
     "gascnn": ("resnet", {"epochs": 1, "synthesis_steps": 3, "synthetic_size": 40, "timesteps": 4,
                           "finetune_epochs": 1, "curve": "", "percentile": 99.9}),
-    "he-aggregator": ("lenet", {"rounds": 2, "clients": 2, "observer": "aggregator", "scheme": "plain"}),
-    "he-hospital": ("lenet", {"rounds": 2, "clients": 3, "observer": "hospital", "scheme": "plain"}),
+    "he-aggregator": ("lenet", {"rounds": 2, "clients": 2, "observer": "aggregator", "scheme": "ckks"}),
+    "he-hospital": ("lenet", {"rounds": 2, "clients": 3, "observer": "hospital", "scheme": "ckks"}),
     "he-resnet": ("resnet", {"rounds": 2, "clients": 3, "observer": "hospital", "scheme": "plaintext"}),  # BatchNorm
 }
 

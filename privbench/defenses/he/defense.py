@@ -40,6 +40,7 @@ import copy
 import dataclasses
 import math
 import time
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -118,6 +119,8 @@ class HEParams:
     aggregator_sees_models: bool = False
 
     def __post_init__(self) -> None:
+        if self.scheme not in typing.get_args(Scheme):
+            raise ValueError(f"scheme must be one of {list(typing.get_args(Scheme))}, got {self.scheme!r}")
         if not isinstance(self.clients, int) or self.clients < 1:
             raise ValueError(f"clients must be an integer >= 1 (the number of hospitals), got {self.clients!r}")
         if self.rounds < 0 or self.local_steps < 1 or self.batch_size < 1:
