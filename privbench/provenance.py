@@ -120,9 +120,7 @@ def plugin_versions(config: "RunConfig") -> dict[str, str]:
 
     out = {}
     family = getattr(registry.attacks.get(config.attack), "family", None)
-    for reg, name in ((registry.defenses, config.defense), (registry.attacks, config.attack),
-                      (registry.models, config.model), (registry.datasets, config.dataset.split(":", 1)[0]),
-                      (registry.metrics, family)):
+    for reg, name in [*registry.named_by(config), (registry.metrics, family)]:
         if name is None or name not in reg:
             continue
         origin = reg.entry(name).origin

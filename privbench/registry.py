@@ -186,10 +186,15 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         return self.entry(name).obj
 
-    def entry(self, name: str) -> Entry[T]:
-        eps, clashes = self._plugins(), self._clashing()
+    def check_clash(self, name: str) -> None:
+        """Raise ``DuplicateNameError`` if two origins declare ``name`` (reads entry points, imports nothing)."""
+        clashes = self._clashing()
         if name in clashes:
             raise DuplicateNameError(clashes[name])
+
+    def entry(self, name: str) -> Entry[T]:
+        eps = self._plugins()
+        self.check_clash(name)
         if name in self._builtin_modules:
             if name not in self._entries:
                 importlib.import_module(self._builtin_modules[name])
@@ -350,3 +355,10 @@ metrics: Registry = Registry(
 ALL: dict[str, Registry] = {
     r.kind: r for r in (defenses, attacks, datasets, models, metrics)
 }
+
+
+def named_by(config) -> list[tuple[Registry, str]]:
+    """(registry, name) of each component a run config names: defense, attack, model, dataset source."""
+    pairs = [(defenses, config.defense), (attacks, config.attack), (models, config.model),
+             (datasets, config.dataset.split(":", 1)[0])]
+    return [(reg, name) for reg, name in pairs if name is not None]

@@ -56,6 +56,8 @@ class RunOptions:
 
 def lookup(config: RunConfig, store: Store, options: RunOptions, resolved: RunConfig | None = None) -> RunResult | None:
     """A stored ok result for ``config`` as requested (found without importing torch), or as ``resolved``."""
+    for reg, name in registry.named_by(config):  # a name two origins declare is refused, stored row or not
+        reg.check_clash(name)
     fingerprint = datasetlib.fingerprint(config.dataset, options.data_root, config.image_size, options.allow_download)
     hit = store.find_ok(request_key=config.cache_key(fingerprint))
     if hit is None and resolved is not None:

@@ -123,3 +123,21 @@ def test_no_plugins_ignores_entry_points(monkeypatch):
     _with_entry_points(monkeypatch, [_FakeEntryPoint("plug", "pkg.mod:X", lambda: object)])
     monkeypatch.setattr(registry, "PLUGINS_ENABLED", False)
     assert "plug" not in Registry("things", {}).names()
+
+
+def test_a_clashing_plugin_is_refused_even_when_a_stored_row_would_answer(monkeypatch, bench_home):
+    """The stored row of `none` was computed with the built-in; once a plugin claims the name too, asking for
+    `none` is an error naming both origins instead of an answer that hides the clash."""
+    from privbench.config import RunConfig
+    from privbench.runner import RunOptions, lookup, run
+    from privbench.store import Store
+
+    config = RunConfig(image_size=16, attack_params={"steps": 3, "restarts": 1}, defense_params={"epochs": 1})
+    store = Store()
+    run(config, store)
+    assert lookup(config, store, RunOptions()) is not None
+    _with_entry_points(monkeypatch, [_FakeEntryPoint("none", "pkg.mod:X", lambda: object)], "privbench.defenses")
+    monkeypatch.setattr(registry.defenses, "_plugin_eps", None)
+    monkeypatch.setattr(registry.defenses, "_clashes", {})
+    with pytest.raises(DuplicateNameError, match="'none' is registered twice"):
+        lookup(config, store, RunOptions())

@@ -504,19 +504,67 @@ MESSAGE_CASES = {
     "malicious pickle in every cache": hostile_pickles_in_every_cache,
 }
 
+# -- (9) plugins -------------------------------------------------------------------------------------------
+
+
+def _installed_plugin(root: Path, module_source: str, entry_points: str) -> dict[str, str]:
+    """A plugin installed the way pip leaves one (a module and a ``*.dist-info`` with its entry points) in a
+    folder of its own; returns the environment that puts it on the path."""
+    site = root / "site"
+    (site / "broken_plugin.py").parent.mkdir(parents=True, exist_ok=True)
+    (site / "broken_plugin.py").write_text(module_source)
+    info = site / "privbench_broken-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: privbench-broken\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))}
+
+
+RAISES_ON_IMPORT = "raise RuntimeError('plugin broken at import')\n"
+TAKES_A_BUILT_IN_NAME = "from privbench.defenses.none import NoDefense as Impostor\n"
+
+
+def plugin_case(source: str, entry_points: str, args: list[str], expect_text: str) -> Callable[[Home], Outcome]:
+    def case(home: Home) -> Outcome:
+        before = len(home.rows())
+        proc = home.bench(*args, env=home.env(**_installed_plugin(home.root, source, entry_points)))
+        text = _out(proc)
+        named = expect_text in _flat(text)
+        return Outcome(proc.returncode, text, home.intact() and len(home.rows()) == before and named,
+                       "" if named else f"message lacks {expect_text!r}")
+    return case
+
+
+PLUGIN_CASES = {
+    "plugin that raises on import, named": plugin_case(
+        RAISES_ON_IMPORT, "[privbench.defenses]\nbroken = broken_plugin:Thing\n",
+        ["run", *TINY, "--defense", "broken"], "privbench-broken"),
+    "plugin that raises on import: bench list": plugin_case(
+        RAISES_ON_IMPORT, "[privbench.defenses]\nbroken = broken_plugin:Thing\n", ["list", "defenses"],
+        "plugin broken at import"),
+    "plugin that takes a built-in's name": plugin_case(
+        TAKES_A_BUILT_IN_NAME, "[privbench.defenses]\nnone = broken_plugin:Impostor\n",
+        ["run", *TINY, "--defense", "none"], "privbench-broken"),
+    "--no-plugins past a clashing plugin": plugin_case(
+        TAKES_A_BUILT_IN_NAME, "[privbench.defenses]\nnone = broken_plugin:Impostor\n",
+        ["--no-plugins", "runs"], ""),
+}
+
+
 EXPECTED_EXIT = {  # everything else is bad input: exit 2
     **{name: 0 for name in ("bench import of the kept result", "next run after a failed write",
                             "killed mid-run, then the next run", "3 concurrent runs of one config", "--force recomputes",
                             "markup in a stored error", "garbage bytes in one row",
                             "one reconstruction.pt missing (bench score)", "class folders that are links",
                             "target cache not writable", "dataset cache not writable",
-                            "malicious pickle in every cache")},
+                            "malicious pickle in every cache", "plugin that raises on import: bench list",
+                            "--no-plugins past a clashing plugin")},
     **{name: 0 for name in MARKUP_CASES if name.startswith("data folder named")},
 }
 
 GROUPS = [("parameters", PARAMETER_CASES), ("store", STORE_CASES), ("markup", MARKUP_CASES),
           ("damaged rows and artifacts", DAMAGE_CASES), ("data folders", DATA_CASES),
-          ("messages and optional caches", MESSAGE_CASES)]
+          ("messages and optional caches", MESSAGE_CASES), ("plugins", PLUGIN_CASES)]
 
 
 def baseline_home(root: Path) -> tuple[Path, str]:
