@@ -115,11 +115,18 @@ def read_only(path: Path):
             path.chmod(mode)
 
 
-def bad_input(*args: object, env: dict[str, str] | None = None, expect_text: str = "") -> Callable[[Home], Outcome]:
-    """A command that must exit 2 before computing: nothing new stored, the baseline intact."""
+EnvFor = Callable[["Home"], dict[str, str]]
+
+
+def bad_input(*args: object, env: dict[str, str] | EnvFor | None = None, expect_text: str = ""
+              ) -> Callable[[Home], Outcome]:
+    """A command that stores nothing (it exits 2 before computing, unless ``EXPECTED_EXIT`` says otherwise):
+    the baseline intact and ``expect_text`` in its output. ``env``: extra variables, or a function of the
+    case's home that gives them."""
     def case(home: Home) -> Outcome:
         before = len(home.rows())
-        proc = home.bench(*args, env=home.env(**(env or {})))
+        extra = env(home) if callable(env) else (env or {})
+        proc = home.bench(*args, env=home.env(**extra))
         text = _out(proc)
         named = expect_text in _flat(text)
         return Outcome(proc.returncode, text, home.intact() and len(home.rows()) == before and named,
@@ -525,14 +532,9 @@ TAKES_A_BUILT_IN_NAME = "from privbench.defenses.none import NoDefense as Impost
 
 
 def plugin_case(source: str, entry_points: str, args: list[str], expect_text: str) -> Callable[[Home], Outcome]:
-    def case(home: Home) -> Outcome:
-        before = len(home.rows())
-        proc = home.bench(*args, env=home.env(**_installed_plugin(home.root, source, entry_points)))
-        text = _out(proc)
-        named = expect_text in _flat(text)
-        return Outcome(proc.returncode, text, home.intact() and len(home.rows()) == before and named,
-                       "" if named else f"message lacks {expect_text!r}")
-    return case
+    """``bad_input`` with a plugin of ``source`` and ``entry_points`` installed for the command."""
+    return bad_input(*args, env=lambda home: _installed_plugin(home.root, source, entry_points),
+                     expect_text=expect_text)
 
 
 PLUGIN_CASES = {
