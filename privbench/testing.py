@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CPU_BUDGET_S", "ConformanceError", "Spec", "spec", "checks_for", "parametrize_with_checks", "run_checks",
     "check_defense", "check_attack", "check_dataset", "check_model", "write_image_folder", "image_folder_setup",
+    "write_plugin_distribution",
     "clear_cache", "tiny_problem", "fit_tiny",
 ]
 
@@ -1135,6 +1136,28 @@ ATTACK_CHECKS = (
 
 
 # -- datasets ---------------------------------------------------------------------------------------------------
+
+
+def write_plugin_distribution(site: Path | str, distribution: str, version: str,
+                              entry_points: Mapping[str, Mapping[str, str]], files: Mapping[str, str]) -> Path:
+    """Install a throwaway plugin into folder ``site`` the way ``pip install`` leaves one: a real
+    ``*.dist-info`` (METADATA, entry_points.txt) beside the plugin's files. Put ``site`` on ``sys.path``
+    (or ``PYTHONPATH``) and privbench finds it. ``entry_points``: group -> {name: "module:object"};
+    ``files``: path relative to ``site`` -> text. Returns the dist-info folder."""
+    site = Path(site)
+    info = site / f"{distribution.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+    lines = []
+    for group, names in entry_points.items():
+        lines.append(f"[{group}]")
+        lines += [f"{name} = {value}" for name, value in names.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    for relative, text in files.items():
+        path = site / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return info
 
 
 def write_image_folder(root: Path | str, classes: int = 4, per_class: int = 4, size: int = 20, seed: int = 0) -> Path:

@@ -32,19 +32,10 @@ class PluginSite:
         """``entry_points``: group -> {name: "module:object"}; ``files``: path relative to the site -> text."""
         import importlib
 
-        info = self.root / f"{distribution.replace('-', '_')}-{version}.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
-        lines = []
-        for group, names in entry_points.items():
-            lines.append(f"[{group}]")
-            lines += [f"{name} = {value}" for name, value in names.items()]
-        (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-        for relative, text in files.items():
-            path = self.root / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            self.modules.add(relative.split("/")[0].removesuffix(".py"))
+        from privbench.testing import write_plugin_distribution
+
+        write_plugin_distribution(self.root, distribution, version, entry_points, files)
+        self.modules |= {relative.split("/")[0].removesuffix(".py") for relative in files}
         importlib.invalidate_caches()
         _forget_plugins()
 

@@ -514,16 +514,15 @@ MESSAGE_CASES = {
 # -- (9) plugins -------------------------------------------------------------------------------------------
 
 
-def _installed_plugin(root: Path, module_source: str, entry_points: str) -> dict[str, str]:
-    """A plugin installed the way pip leaves one (a module and a ``*.dist-info`` with its entry points) in a
-    folder of its own; returns the environment that puts it on the path."""
+def _installed_plugin(root: Path, module_source: str, entry_points: dict[str, str]) -> dict[str, str]:
+    """A plugin module ``broken_plugin`` installed as pip would (``privbench.testing.write_plugin_distribution``)
+    in a folder of its own; returns the environment that puts it on the path. ``entry_points``: the
+    ``privbench.defenses`` name -> object of the module."""
+    from privbench.testing import write_plugin_distribution
+
     site = root / "site"
-    (site / "broken_plugin.py").parent.mkdir(parents=True, exist_ok=True)
-    (site / "broken_plugin.py").write_text(module_source)
-    info = site / "privbench_broken-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: privbench-broken\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(entry_points)
+    write_plugin_distribution(site, "privbench-broken", "0.1", {"privbench.defenses": entry_points},
+                              {"broken_plugin.py": module_source})
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))}
 
 
@@ -531,7 +530,7 @@ RAISES_ON_IMPORT = "raise RuntimeError('plugin broken at import')\n"
 TAKES_A_BUILT_IN_NAME = "from privbench.defenses.none import NoDefense as Impostor\n"
 
 
-def plugin_case(source: str, entry_points: str, args: list[str], expect_text: str) -> Callable[[Home], Outcome]:
+def plugin_case(source: str, entry_points: dict[str, str], args: list[str], expect_text: str) -> Callable[[Home], Outcome]:
     """``bad_input`` with a plugin of ``source`` and ``entry_points`` installed for the command."""
     return bad_input(*args, env=lambda home: _installed_plugin(home.root, source, entry_points),
                      expect_text=expect_text)
@@ -539,16 +538,16 @@ def plugin_case(source: str, entry_points: str, args: list[str], expect_text: st
 
 PLUGIN_CASES = {
     "plugin that raises on import, named": plugin_case(
-        RAISES_ON_IMPORT, "[privbench.defenses]\nbroken = broken_plugin:Thing\n",
+        RAISES_ON_IMPORT, {"broken": "broken_plugin:Thing"},
         ["run", *TINY, "--defense", "broken"], "privbench-broken"),
     "plugin that raises on import: bench list": plugin_case(
-        RAISES_ON_IMPORT, "[privbench.defenses]\nbroken = broken_plugin:Thing\n", ["list", "defenses"],
+        RAISES_ON_IMPORT, {"broken": "broken_plugin:Thing"}, ["list", "defenses"],
         "plugin broken at import"),
     "plugin that takes a built-in's name": plugin_case(
-        TAKES_A_BUILT_IN_NAME, "[privbench.defenses]\nnone = broken_plugin:Impostor\n",
+        TAKES_A_BUILT_IN_NAME, {"none": "broken_plugin:Impostor"},
         ["run", *TINY, "--defense", "none"], "privbench-broken"),
     "--no-plugins past a clashing plugin": plugin_case(
-        TAKES_A_BUILT_IN_NAME, "[privbench.defenses]\nnone = broken_plugin:Impostor\n",
+        TAKES_A_BUILT_IN_NAME, {"none": "broken_plugin:Impostor"},
         ["--no-plugins", "runs"], ""),
 }
 
