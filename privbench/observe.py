@@ -70,15 +70,9 @@ class ShadowTrainer:
         seeds = {purpose: derive_seed(seed, purpose) for purpose in SEED_PURPOSES}
         ctx = FitContext(
             config=self.settings, build_model=lambda: self.architecture(seed), nonmembers=self.heldout, seeds=seeds,
-            data_identity={"shadow_data": _ids_digest(data.ids), "shadow_seed": seed},
+            data_identity={"shadow_data": data.ids_digest(), "shadow_seed": seed},
         )
         return self.defense.fit(self.architecture(seed), data, ctx).model
-
-
-def _ids_digest(ids: tuple[str, ...]) -> str:
-    import hashlib
-
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
 def public_settings(config: RunConfig) -> RunConfig:

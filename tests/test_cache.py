@@ -243,7 +243,9 @@ def test_gascnn_stage_key_names_the_data_the_seeds_and_the_initial_weights(bench
     from privbench.defenses.gascnn.defense import GASCNN, GASCNNParams, stage_cache_path
 
     defense = GASCNN(GASCNNParams())
-    members = SimpleNamespace(ids=("a/0", "a/1"))
+    from privbench.datasets import ImageDataset
+
+    members = ImageDataset(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), ("a",), ("a/0", "a/1"))
 
     def path(data=DATA, seeds=None, target_seed=None, init=0):
         cfg = RunConfig(defense="gascnn", model="resnet", target_seed=target_seed)

@@ -58,6 +58,10 @@ class ImageDataset:
         c, h, w = self.images.shape[1:]
         return int(c), int(h), int(w)
 
+    def ids_digest(self) -> str:
+        """sha256 hex digest of the ids in order: names exactly which images these are (for cache keys)."""
+        return hashlib.sha256("\n".join(self.ids).encode()).hexdigest()
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> ImageDataset:
         """The images at ``indices`` (in that order), same class names and provenance."""
         import torch

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -295,7 +294,7 @@ class GASCNN(Defense):
         c = ctx.config
         return {"defense": "gascnn", "model": c.model, "model_params": dict(c.model_params),
                 "data": dict(ctx.data_identity),
-                "members": hashlib.sha256("\n".join(members.ids).encode()).hexdigest(),
+                "members": members.ids_digest(),
                 "init_seed": ctx.seeds["init"], "train_seed": ctx.seeds["train"],
                 "initial_weights": state_digest(model.state_dict()),
                 "teacher": dataclasses.asdict(self.params.teacher())}
