@@ -132,7 +132,6 @@ def prepare(cfg: RunConfig, options: RunOptions, staging: Path, data_fingerprint
     from privbench import observe, targets
     from privbench.datasets import splits as splitlib
     from privbench.defenses.base import FitContext
-    from privbench.models import build_model
 
     seeds = cfg.derived_seeds()
     cache_dir = options.cache_dir or home() / "cache"
@@ -149,9 +148,10 @@ def prepare(cfg: RunConfig, options: RunOptions, staging: Path, data_fingerprint
                                        cfg.victim_batch, data.num_classes, data.image_shape))
     scorer = registry.metrics.get(attack.family)()
 
+    architecture = observe.Architecture.of(cfg, data.num_classes)
+
     def fresh_model():
-        return build_model(cfg.model, dict(cfg.model_params), cfg.channels, cfg.image_size, data.num_classes,
-                           seeds["init"])
+        return architecture(seeds["init"])
 
     data_identity = {"dataset": cfg.dataset, "data_fingerprint": data_fingerprint, "split_seed": cfg.split_seed,
                      "split": cfg.to_dict()["split"], "image_size": cfg.image_size, "channels": cfg.channels}
