@@ -25,7 +25,6 @@ from privbench.defenses.mple import (
     permute_leading_channels,
     released_model,
     service_body,
-    split_first_conv,
 )
 from privbench.models import build_model
 from privbench.morphing import AugmentedConv
@@ -46,7 +45,7 @@ def _service_and_plain(model_name: str, model_params: dict, dtype: torch.dtype, 
     """A random-weight plain model and the MpLe service network built from it (same function)."""
     plain = build_model(model_name, model_params, 1, SIZE, 4, seed=3).to(dtype).eval()
     defense = MpLe(MpLeParams(matrix=matrix))
-    conv, rest = split_first_conv(plain)
+    conv, rest = plain[0], list(plain)[1:]  # convnet / vgg: a sequential model that starts with its conv
     secrets = defense.secrets(conv, (1, SIZE, SIZE), seed=3)
     layer = morphing.augmented_layer(secrets.matrix, conv.weight.detach(), secrets.permutation, secrets.geometry)
     first = morphing.AugmentedConv(layer.to(dtype), conv.bias.detach()[secrets.permutation], secrets.geometry.feature_shape)
@@ -122,7 +121,7 @@ def test_mple_trains_like_its_frozen_first_layer_twin(parts):
 def test_wrong_image_size_and_memory_limit_and_model_give_clear_errors(parts):
     defense = MpLe(MpLeParams())
     ctx = _ctx(parts)
-    conv, _ = split_first_conv(ctx.build_model())
+    _, conv = first_conv(ctx.build_model(), (1, SIZE, SIZE))
     secrets = defense.secrets(conv, (1, SIZE, SIZE), 0)
     with pytest.raises(ConfigError, match="built for 1x16x16 images"):
         defense.morph(torch.rand(2, 1, 32, 32), secrets)

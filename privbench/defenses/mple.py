@@ -173,15 +173,6 @@ def first_conv(model: nn.Module, image_shape: tuple[int, int, int]) -> tuple[Fir
     return where, conv
 
 
-def split_first_conv(model: nn.Module) -> tuple[nn.Conv2d, list[nn.Module]]:
-    """The first convolution and the rest of a sequential model that starts with it (the case in which
-    ``permute_leading_channels`` applies); any other model: use ``first_conv``."""
-    if not isinstance(model, nn.Sequential) or not isinstance(model[0], nn.Conv2d):
-        raise ConfigError(f"split_first_conv needs an nn.Sequential whose first layer is a Conv2d; got "
-                          f"{type(model).__name__} (use first_conv, which handles any model)")
-    return model[0], list(model)[1:]
-
-
 _CHANNELWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, FeaturesIn)
 
 
