@@ -30,7 +30,7 @@ from privbench import config as configlib
 from privbench import datasets as datasetlib
 from privbench.config import RunConfig
 from privbench.provenance import configure_threads, git_commit, plugin_versions, resolve_threads, versions
-from privbench.store import RunResult, Store, home
+from privbench.store import RunResult, Store
 from privbench.threat import AttackError, AttackSetting, MembershipTruth, Observation, Surface, Victim
 
 if TYPE_CHECKING:
@@ -130,40 +130,23 @@ def prepare(cfg: RunConfig, options: RunOptions, staging: Path, data_fingerprint
             progress: ProgressFn | None = None) -> Prepared:
     """Steps 2-4 for a resolved ``cfg``: data, splits, the attack's checks, targets and the observation."""
     from privbench import observe, targets
-    from privbench.datasets import splits as splitlib
-    from privbench.defenses.base import FitContext
+    from privbench.run_setup import cache_dir, setup
 
-    seeds = cfg.derived_seeds()
-    cache_dir = options.cache_dir or home() / "cache"
-    stages.begin(progress, "data")
-    data = datasetlib.load(cfg.dataset, cfg.image_size, cfg.channels, root=options.data_root,
-                           allow_download=options.allow_download, cache_dir=cache_dir / "datasets")
-    parts = splitlib.make(data, cfg.split, seeds["split"])
-    stages.begin(progress, "setup")  # components, checks, a cached target; ends when training or observing starts
-    info: dict[str, Any] = {"data": data.provenance, "splits": parts.describe()}
-    defense_cls, attack_cls = registry.defenses.get(cfg.defense), registry.attacks.get(cfg.attack)
-    defense = defense_cls(defense_cls.Params(**dict(cfg.defense_params)))
-    attack = attack_cls(attack_cls.Params(**dict(cfg.attack_params)), seed=seeds["attack"])
+    run_setup = setup(cfg, options, data_fingerprint, progress)
+    data, parts, defense, ctx, info = run_setup.data, run_setup.parts, run_setup.defense, run_setup.ctx, run_setup.info
+    attack_cls = registry.attacks.get(cfg.attack)
+    attack = attack_cls(attack_cls.Params(**dict(cfg.attack_params)), seed=ctx.seeds["attack"])
     attack.check_setting(AttackSetting(len(parts.members), len(parts.nonmembers), len(parts.auxiliary),
                                        cfg.victim_batch, data.num_classes, data.image_shape))
     scorer = registry.metrics.get(attack.family)()
-
-    architecture = observe.Architecture.of(cfg, data.num_classes)
-
-    def fresh_model():
-        return architecture(seeds["init"])
-
-    data_identity = {"dataset": cfg.dataset, "data_fingerprint": data_fingerprint, "split_seed": cfg.split_seed,
-                     "split": cfg.to_dict()["split"], "image_size": cfg.image_size, "channels": cfg.channels}
-    ctx = FitContext(config=cfg, build_model=fresh_model, nonmembers=parts.nonmembers, seeds=seeds,
-                     progress=progress, members=parts.members, data_identity=data_identity)
-    fitted = targets.fit_with_twin(defense, fresh_model, parts.members, ctx, cache_dir / "targets", staging)
+    fitted = targets.fit_with_twin(defense, ctx.build_model, parts.members, ctx, cache_dir(options) / "targets",
+                                   staging)
     info["target"] = fitted.info
     if fitted.twin is not None:
         info["twin"] = fitted.twin_info
     stages.begin(progress, "observation")
     if attack.surface in (Surface.GRADIENTS, Surface.SHARED_DATA):
-        truth = observe.choose_victim(parts.members, cfg.victim_batch, seeds["victim"])
+        truth = observe.choose_victim(parts.members, cfg.victim_batch, ctx.seeds["victim"])
         info["victim_ids"] = list(truth.ids)
         observation = observe.client_observation(defense, attack.surface, fitted.target, truth, parts.auxiliary, ctx)
     else:

@@ -17,6 +17,7 @@ from privbench import cache
 if TYPE_CHECKING:
     from torch import nn
 
+    from privbench.config import RunConfig
     from privbench.datasets import ImageDataset
     from privbench.defenses.base import Defense, FitContext, Target
 
@@ -46,12 +47,22 @@ class FittedTargets:
         return out
 
 
+def data_identity(cfg: "RunConfig", data_fingerprint: str) -> dict[str, Any]:
+    """What identifies the data a target of ``cfg`` is trained on: the source, its split and its shape."""
+    return {"dataset": cfg.dataset, "data_fingerprint": data_fingerprint, "split_seed": cfg.split_seed,
+            "split": cfg.to_dict()["split"], "image_size": cfg.image_size, "channels": cfg.channels}
+
+
 def target_key(defense: "Defense", ctx: "FitContext") -> str:
     """The cache key of ``defense``'s target: its identity, the model, the data and the target's seeds."""
-    cfg = ctx.config
+    return key_for(defense, ctx.config, ctx.data_identity, ctx.seeds)
+
+
+def key_for(defense: "Defense", cfg: "RunConfig", data: dict[str, Any], seeds: dict[str, int]) -> str:
+    """:func:`target_key` from its parts (a suite plans with it before anything is built)."""
     return cache.cache_key("target", {
         "defense": defense.identity(), "model": cfg.model, "model_params": dict(cfg.model_params),
-        "data": ctx.data_identity, "seeds": {p: ctx.seeds[p] for p in ("init", "train", "secrets")},
+        "data": data, "seeds": {p: seeds[p] for p in ("init", "train", "secrets")},
     })
 
 
