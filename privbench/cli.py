@@ -619,6 +619,9 @@ def _print_ledger(path: Path, result) -> None:
     _say((f"{path}: tampered", "bold red"), f": {result.reason}{where}", err=True)
 
 
+from privbench import cli_suite  # noqa: E402,F401  (registers "bench suite")
+
+
 def entrypoint() -> None:  # pragma: no cover - console script
     try:
         app()

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 Status = Literal["ok", "failed", "unsupported", "superseded"]
 STATUSES: tuple[str, ...] = ("ok", "failed", "unsupported", "superseded")
-SCHEMA_VERSION = 2  # PRAGMA user_version; 0: a store of an earlier privbench (same columns, no unique index)
+SCHEMA_VERSION = 3  # PRAGMA user_version; 0: a store of an earlier privbench (same columns, no unique index); 3: suite_runs
 RESULT_FILE = "result.json"
 MIN_FREE_ENV = "PRIVBENCH_STORE_MIN_FREE_MB"
 DEFAULT_MIN_FREE_MB = 100
@@ -60,6 +60,7 @@ RUN_COLUMNS = (
     "request_key", "privbench_version", "config_json", "metrics_json", "costs_json", "info_json", "wall_time_s",
     "grad_evals", "error", "traceback", "artifacts",
 )
+SUITE_COLUMNS = ("spec_hash", "suite", "run_id", "created_at")
 CELL_COLUMNS = ("cell_key", "metric", "created_at", "privbench_version", "cell_json", "score_json", "baseline_json",
                 "run_ids_json")
 
@@ -99,6 +100,13 @@ CREATE TABLE IF NOT EXISTS cell_scores (
     baseline_json TEXT,
     run_ids_json TEXT NOT NULL,
     PRIMARY KEY (cell_key, metric)
+);
+CREATE TABLE IF NOT EXISTS suite_runs (
+    spec_hash TEXT NOT NULL,
+    suite TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (spec_hash, run_id)
 );
 """
 UNIQUE_OK = """
@@ -278,6 +286,20 @@ def _try_lock(folder: Path) -> Any | None:
     return handle
 
 
+def make_staging(artifacts_root: Path, run_id: str) -> tuple[Path, Any | None]:
+    """``artifacts_root/.staging-<run_id>``, new and locked by this process (the lock, a file object, is
+    returned; closing it or the process ending releases it). A suite's workers stage here without opening
+    the store; a folder whose lock is free and that holds no ``result.json`` is removed by ``recover``."""
+    path = artifacts_root / f".staging-{run_id}"
+    shutil.rmtree(path, ignore_errors=True)
+    # locked before it gets its name, so another process's recover() never sees it unlocked
+    fresh = artifacts_root / f".new-{run_id}"
+    fresh.mkdir(parents=True)
+    lock = _try_lock(fresh)
+    os.rename(fresh, path)
+    return path, lock
+
+
 def min_free_bytes() -> int:
     """The free-space margin checked before a run: ``$PRIVBENCH_STORE_MIN_FREE_MB`` (default 100) MB."""
     raw = os.environ.get(MIN_FREE_ENV, "").strip()
@@ -328,6 +350,17 @@ class Store:
     def _connect(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA user_version").fetchone()
+        except sqlite3.OperationalError as exc:
+            # a WAL store in a folder this process cannot write: SQLite cannot make its shared-memory file,
+            # so the file is read as immutable (nothing can write there to change it under us)
+            if os.access(self.root, os.W_OK) or not self.path.exists():
+                raise self._error(exc) from None
+            try:
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True, timeout=60,
+                                       isolation_level=None)
+            except sqlite3.Error as again:
+                raise self._error(again) from None
         except sqlite3.Error as exc:
             raise self._error(exc) from None
         conn.row_factory = sqlite3.Row
@@ -377,10 +410,12 @@ class Store:
                     f"{', '.join(sorted(tables))}); pass --store PATH to use another file")
             if "cell_scores" in tables:
                 self._check_columns(conn, "cell_scores", CELL_COLUMNS)
+            if "suite_runs" in tables:
+                self._check_columns(conn, "suite_runs", SUITE_COLUMNS)
             if not create:
                 self._empty = "runs" not in tables
                 return
-            if "runs" not in tables or "cell_scores" not in tables or version < SCHEMA_VERSION:
+            if "runs" not in tables or "suite_runs" not in tables or version < SCHEMA_VERSION:
                 try:
                     self._create_or_migrate(conn, fresh="runs" not in tables)
                 except sqlite3.Error as exc:
@@ -388,8 +423,19 @@ class Store:
                         raise self._error(exc) from None
                     # a read-only store of an earlier version stays readable; writing is checked before a run
                     log.debug("could not upgrade the schema of %s: %s", self.path, exc)
+            self._use_wal(conn)
         finally:
             conn.close()
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Write-ahead logging: readers never block the one writer and a commit is one append. Only the
+        process that owns the store writes it (a suite's coordinator, or ``bench run``): SQLite's locks are
+        unreliable on network filesystems, so workers on other machines never open it."""
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as exc:  # a read-only file or folder keeps its journal mode
+            log.debug("could not switch %s to WAL: %s", self.path, exc)
 
     def _check_columns(self, conn: sqlite3.Connection, table: str, expected: tuple[str, ...]) -> None:
         found = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
@@ -495,13 +541,7 @@ class Store:
     # -- artifacts and staging ---------------------------------------------------------------------
     def staging_dir(self, run_id: str) -> Path:
         """A scratch folder for a run's artifacts, locked while this process lives; ``record`` moves it into place."""
-        path = self.artifacts_root / f".staging-{run_id}"
-        shutil.rmtree(path, ignore_errors=True)
-        # locked before it gets its name, so another process's recover() never sees it unlocked
-        fresh = self.artifacts_root / f".new-{run_id}"
-        fresh.mkdir(parents=True)
-        lock = _try_lock(fresh)
-        os.rename(fresh, path)
+        path, lock = make_staging(self.artifacts_root, run_id)
         if lock is not None:
             self._locks[path] = lock
         return path
@@ -746,7 +786,37 @@ class Store:
         finally:
             conn.close()
 
+    def tag_suite(self, suite: str, spec_hash: str, run_ids: list[str]) -> None:
+        """Record that the rows ``run_ids`` serve the suite ``suite`` (spec hash ``spec_hash``); a row may
+        serve several suites."""
+        import datetime as dt
+
+        now = dt.datetime.now(dt.timezone.utc).isoformat()
+        conn = self._connect()
+        try:
+            conn.executemany("INSERT OR IGNORE INTO suite_runs VALUES (?, ?, ?, ?)",
+                             [(spec_hash, suite, run_id, now) for run_id in run_ids])
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        finally:
+            conn.close()
+
     # -- reading -----------------------------------------------------------------------------------
+    def settled(self) -> dict[str, tuple[str, str]]:
+        """request key (and cache key) -> (status, run id) of the newest ok or unsupported row under it: the
+        jobs a suite does not run again (failed rows are retried)."""
+        rows = self._fetch("SELECT request_key, cache_key, status, run_id FROM runs WHERE status IN "
+                           "('ok', 'unsupported') ORDER BY created_at", ())
+        out = {r["cache_key"]: (r["status"], r["run_id"]) for r in rows}
+        out.update({r["request_key"]: (r["status"], r["run_id"]) for r in rows})
+        return out
+
+    def suite_run_ids(self, spec_hash: str) -> list[str]:
+        """The run ids recorded for the suite whose spec hash is ``spec_hash``."""
+        rows = self._fetch("SELECT run_id FROM suite_runs WHERE spec_hash = ? ORDER BY created_at", (spec_hash,),
+                           table="suite_runs")
+        return [r["run_id"] for r in rows]
+
     def cell_scores(self, cell_key: str | None = None) -> list[dict]:
         sql = "SELECT * FROM cell_scores" + (" WHERE cell_key = ?" if cell_key else "") + " ORDER BY cell_key, metric"
         out = []

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import filelock
+
 from privbench import cache
 
 if TYPE_CHECKING:
@@ -69,9 +71,22 @@ def key_for(defense: "Defense", cfg: "RunConfig", data: dict[str, Any], seeds: d
 def fit_or_load(defense: "Defense", build_model: Callable[[], "nn.Module"], members: "ImageDataset",
                 ctx: "FitContext", cache_dir: Path) -> tuple["Target", dict[str, Any]]:
     """Train the target under ``defense``, or load it from ``cache_dir``; returns it and its info for the row."""
+    key = target_key(defense, ctx)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # one process trains a given target at a time; the others wait and then load what it cached
+    with filelock.FileLock(str(cache_dir / f"{key}.lock")):
+        return _fit_or_load(defense, build_model, members, ctx, cache_dir, key)
+
+
+def is_cached(cache_dir: Path, key: str) -> bool:
+    """Whether the target ``key`` has both of its cache files (it may still fail to load)."""
+    return (cache_dir / f"{key}.pt").is_file() and (cache_dir / f"{key}.json").is_file()
+
+
+def _fit_or_load(defense: "Defense", build_model: Callable[[], "nn.Module"], members: "ImageDataset",
+                 ctx: "FitContext", cache_dir: Path, key: str) -> tuple["Target", dict[str, Any]]:
     from privbench.defenses.base import Target
 
-    key = target_key(defense, ctx)
     weights, meta = cache_dir / f"{key}.pt", cache_dir / f"{key}.json"
     state, record = cache.load_torch(weights), cache.load_json(meta)
     if state is not None and record is not None:

@@ -95,8 +95,11 @@ def _old_schema(path: Path) -> None:
 
 def _newer_schema(path: Path) -> None:
     Store(path)
-    with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA user_version = 99")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.commit()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the store is in WAL mode: the file itself holds the change
+    conn.close()
 
 
 def _other_program(path: Path) -> None:
