@@ -11,7 +11,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from privbench.cli import _fail_input, _input_errors, _json, _log_to_stderr, _say, _text, app, console, err_console
+from privbench.cli import _fail_input, _input_errors, _json, _log_to_stderr, _say, _text, app, err_console
 
 
 @app.command()
@@ -35,7 +35,6 @@ def suite(
     twice stops them). Rerunning after any interruption or kill runs only what is missing."""
     from privbench.store import Store
     from privbench.suite import coordinator
-    from privbench.suite import plan as planlib
     from privbench.suite import spec as speclib
     from privbench.suite.backends import BackendError, DaskBackend, LocalBackend
 
@@ -129,10 +128,7 @@ def _print_summary(summary: Any) -> None:
     _say(f"wall time {summary.wall_time_s:.1f} s on {summary.workers} worker(s); jobs' own time "
          f"{summary.job_time_s:.1f} s" + (f"; overhead {100 * overhead:.1f}% of worker time" if overhead is not None
                                           else ""))
-    if summary.failures:
-        table = Table("failed job", "run", "first error line")
-        for failure in summary.failures:
-            table.add_row(_text(failure["job"]), _text(failure["run_id"]), _text(failure["error"]))
-        console.print(table)
+    for failure in summary.failures:  # one line each, never wrapped, so it can be copied whole
+        _say(("failed:", "bold red"), f" {failure['job']} (run {failure['run_id']}): {failure['error']}")
     if summary.interrupted:
         _say("interrupted: rerun the same command to finish the grid (stored rows are not run again)", err=True)
