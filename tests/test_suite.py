@@ -268,3 +268,60 @@ def test_rows_record_the_suites_they_serve(tmp_path, bench_home):
     ids = store.suite_run_ids(first.spec_hash)
     assert len(ids) == 4 and sorted(ids) == sorted(store.suite_run_ids(second.spec_hash))  # shared, not rerun
     assert all(store.get(i).info["suite"]["name"] == "tiny" for i in ids)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _wait_for_rows(home: Path, process: subprocess.Popen, count: int) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (home / "privbench.sqlite").exists() and len(_rows(home)) >= count:
+            return
+        assert process.poll() is None, "the suite ended before the test could interrupt it"
+        time.sleep(0.2)
+    raise AssertionError("the suite stored too few rows in time")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc")
+def test_sigkill_of_a_worker_reruns_its_job_and_the_suite_completes(tmp_path):
+    home = tmp_path / "home"
+    process = subprocess.Popen([*BENCH, "suite", str(_spec(tmp_path, evals=300)), "--jobs", "2", "--json"],
+                               env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(home, process, 3)
+    workers = [pid for pid in _children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert workers
+    os.kill(workers[0], signal.SIGKILL)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err  # the lost job ran again on a fresh worker
+    rows = _rows(home)
+    assert len(rows) == GRID and all(r["status"] == "ok" for r in rows)
+
+
+@pytest.mark.slow
+def test_ctrl_c_lets_running_jobs_finish_and_keeps_the_store_consistent(tmp_path):
+    home = tmp_path / "home"
+    spec = _spec(tmp_path, evals=300)
+    process = subprocess.Popen([*BENCH, "suite", str(spec), "--jobs", "2"], env=_env(home),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(home, process, 3)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 130, err
+    assert "rerun the same command" in err
+    stored = _rows(home)
+    assert 3 <= len(stored) < GRID and all(r["status"] == "ok" for r in stored)
+    assert not [p for p in (home / "artifacts").iterdir() if p.name.startswith((".staging-", ".new-"))]
+    again = _bench("suite", str(spec), "--jobs", "2", home=home)
+    assert again.returncode == 0 and len(_rows(home)) == GRID

@@ -32,12 +32,25 @@ class LocalBackend:
                                f"this machine's {cores} cores; lower --jobs or --threads so that their product is "
                                f"at most {cores}")
         self.capacity, self.threads = jobs, threads
-        self._pool = cf.ProcessPoolExecutor(
-            max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-            initializer=worker.init_local_worker, initargs=(threads, os.getpid()))
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(
+            max_workers=self.capacity, mp_context=multiprocessing.get_context("spawn"),
+            initializer=worker.init_local_worker, initargs=(self.threads, os.getpid()))
 
     def submit(self, task: worker.Task) -> cf.Future:
-        return self._pool.submit(worker.run, task)
+        try:
+            return self._pool.submit(worker.run, task)
+        except cf.process.BrokenProcessPool:  # a worker died (killed, out of memory): start fresh workers
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+            return self._pool.submit(worker.run, task)
+
+    @staticmethod
+    def lost(exc: BaseException) -> bool:
+        """Whether ``exc`` (a future's error) means the worker died, not that the job failed."""
+        return isinstance(exc, cf.process.BrokenProcessPool)
 
     @staticmethod
     def wait(futures: list[Any]) -> set[Any]:
@@ -79,6 +92,11 @@ class DaskBackend:
 
     def submit(self, task: worker.Task) -> Any:
         return self._client.submit(worker.run, task, pure=False)
+
+    def lost(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the job's workers died (Dask retries a task whose worker died itself and
+        raises KilledWorker once it gives up)."""
+        return type(exc).__name__ == "KilledWorker"
 
     def wait(self, futures: list[Any]) -> set[Any]:
         done, _ = self._distributed.wait(futures, return_when="FIRST_COMPLETED")

@@ -112,6 +112,7 @@ def run(spec: SuiteSpec, store: Store, backend: Any, *, data_root: str | None = 
                         left={"fit": len(plan.fits), "attack": len(plan.attacks)})
     notify = listener or (lambda *_: None)
     running: dict[Any, tuple[Task, Any]] = {}
+    attempts: dict[str, int] = defaultdict(lambda: 1)
     interrupts = 0
     try:
         while queue or running:
@@ -127,7 +128,11 @@ def run(spec: SuiteSpec, store: Store, backend: Any, *, data_root: str | None = 
                 for future in backend.wait(list(running)):
                     item = running.pop(future)
                     progress.running.pop(future, None)
-                    outcome = _outcome(future, item[0])
+                    outcome = _outcome(future, item[0], backend)
+                    if outcome.status == "lost" and attempts[item[0].name] < MAX_ATTEMPTS and not interrupts:
+                        attempts[item[0].name] += 1  # its worker died: run it again, once, on a fresh worker
+                        queue.appendleft(item)
+                        continue
                     _handle(outcome, item, store, summary, spec, waiting, queue, task, progress)
                     notify("done", progress, outcome)
             except KeyboardInterrupt:
@@ -146,12 +151,16 @@ def run(spec: SuiteSpec, store: Store, backend: Any, *, data_root: str | None = 
     return summary
 
 
-def _outcome(future: Any, task: Task) -> Outcome:
-    """The job's outcome; a worker that died (killed, out of memory) is a failed job."""
+MAX_ATTEMPTS = 2  # a job whose worker dies twice (a crash it causes itself) is stored as failed
+
+
+def _outcome(future: Any, task: Task, backend: Any) -> Outcome:
+    """The job's outcome; a worker that died (killed, out of memory) gives status ``lost``."""
     try:
         return future.result()
     except Exception as exc:  # the worker process itself failed, not the job's code
-        return Outcome(task.kind, task.name, "failed", 0.0, f"worker lost: {type(exc).__name__}: {exc}",
+        status = "lost" if backend.lost(exc) else "failed"
+        return Outcome(task.kind, task.name, status, 0.0, f"its worker died: {type(exc).__name__}: {exc}",
                        traceback.format_exc())
 
 
@@ -178,12 +187,12 @@ def _handle(outcome: Outcome, item: tuple[Task, Any], store: Store, summary: Sum
             progress.done += 1
             progress.failed += 1
         return
-    if outcome.row is None:  # the worker died before the job produced a row
+    if outcome.row is None:  # the worker died (twice) before the job produced a row
         row = _failed_row(job, outcome.error or "worker lost", outcome.traceback, spec)
         _store(store, row, None, None, summary, spec, job.name)
     else:
         _store(store, result_from_dict(outcome.row), outcome.staging, outcome.files, summary, spec, job.name)
-    if outcome.status == "failed":
+    if outcome.status in ("failed", "lost"):
         progress.failed += 1
 
 
