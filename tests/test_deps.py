@@ -87,7 +87,8 @@ def test_every_library_a_built_in_component_needs_is_a_core_dependency():
     for name in ("torch", "snntorch", "opacus", "adversarial-robustness-toolbox", "scikit-learn", "pytorch-fid",
                  "lpips", "pandas", "seaborn", "tenseal", "phe", "gmpy2"):
         assert name in core
-    assert set(project["optional-dependencies"]) == {"medmnist", "test", "lint"}
+    # extras are optional machinery only: downloading MedMNIST, running suites on a Dask cluster, tests, lint
+    assert set(project["optional-dependencies"]) == {"medmnist", "dask", "test", "lint"}
 
 
 def test_require_names_the_purpose_and_the_command(monkeypatch):
