@@ -72,10 +72,18 @@ def fit_or_load(defense: "Defense", build_model: Callable[[], "nn.Module"], memb
                 ctx: "FitContext", cache_dir: Path) -> tuple["Target", dict[str, Any]]:
     """Train the target under ``defense``, or load it from ``cache_dir``; returns it and its info for the row."""
     key = target_key(defense, ctx)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     # one process trains a given target at a time; the others wait and then load what it cached
-    with filelock.FileLock(str(cache_dir / f"{key}.lock")):
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(cache_dir / f"{key}.lock"))
+        lock.acquire()
+    except OSError as exc:  # a cache that cannot be written is optional: train without it
+        cache.log.warning("cannot lock the target cache entry in %s (%s); training without it", cache_dir, exc)
         return _fit_or_load(defense, build_model, members, ctx, cache_dir, key)
+    try:
+        return _fit_or_load(defense, build_model, members, ctx, cache_dir, key)
+    finally:
+        lock.release()
 
 
 def is_cached(cache_dir: Path, key: str) -> bool:
