@@ -183,12 +183,15 @@ def _targets(ok: list[RunResult]) -> list[RunResult]:
 def _utility(ok: list[RunResult], fallback: str) -> dict[str, Any]:
     targets = _targets(ok)
     acc = [r.metrics.get("target_accuracy") for r in targets]
+    undefended = bool(ok) and ok[0].config["defense"] == "none" and not any("accuracy_drop" in r.metrics for r in ok)
     out = {
         "accuracy": estimate(acc, "mean", what="targets", reason_if_empty=fallback if not ok else
                              "target accuracy not stored"),
         "accuracy_spread": spread(acc),
-        "accuracy_drop": estimate([r.metrics.get("accuracy_drop") for r in targets], "mean", what="targets",
-                                  reason_if_empty=fallback if not ok else "no utility twin (no drop measured)"),
+        "accuracy_drop": ({"value": 0.0, "ci": None, "n": len(targets), "reason": None,
+                           "ci_reason": "undefended: the reference itself (drop 0 by definition)"} if undefended else
+                          estimate([r.metrics.get("accuracy_drop") for r in targets], "mean", what="targets",
+                                   reason_if_empty=fallback if not ok else "no utility twin (no drop measured)")),
         "n_targets": len(targets),
     }
     return out
@@ -474,7 +477,7 @@ def to_csv(data: dict[str, Any]) -> str:
 
 
 def to_json(data: dict[str, Any]) -> str:
-    return dumps(data, indent=1) + "\n"
+    return dumps(data, indent=1, sort_keys=False) + "\n"
 
 
 def md_escape(text: Any) -> str:

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,10 @@ def distributions(figs: Figures, board: dict, grouped: dict[str, list[tuple[dict
         fig, axes = plt.subplots(1, 2, figsize=(max(7, 1.0 * n_def + 4), 4))
         for ax, metric in zip(axes, ("psnr", "ssim"), strict=True):
             sub = df[df["metric"] == metric]
-            sns.boxplot(data=sub, x="defense", y="value", ax=ax, color="#cfe2f3", fliersize=0)
+            with warnings.catch_warnings():  # seaborn's boxplot passes matplotlib's deprecated 'vert'
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", PendingDeprecationWarning)
+                sns.boxplot(data=sub, x="defense", y="value", ax=ax, color="#cfe2f3", fliersize=0)
             sns.stripplot(data=sub, x="defense", y="value", ax=ax, size=2.5, color="#333", alpha=0.6, jitter=0.25)
             if base[metric]:
                 ax.axhline(float(np.median(base[metric])), color="#d62728", ls="--", lw=1,
