@@ -267,6 +267,7 @@ def test_cli_suite_selects_exactly_its_jobs_and_writes_every_format(tmp_path):
     spec_path = tmp_path / "tiny.toml"
     spec_path.write_text(SPEC)
     spec = speclib.load(spec_path)
+    assert speclib.load(spec_path, resolve_components=False).request_keys().keys() == spec.request_keys().keys()
     store = Store(tmp_path / "s.sqlite")
     for i, (key, job) in enumerate(spec.request_keys().items()):
         cfg = job.config

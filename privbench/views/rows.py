@@ -52,7 +52,9 @@ def select(store: Store, suite_path: str | Path | None = None, data_root: str | 
     if suite_path is not None:
         from privbench.suite import spec as speclib
 
-        spec = speclib.load(suite_path)
+        # Names are checked; parameter types are not re-checked (that imports every component, and torch): the
+        # jobs and their request keys are the same either way.
+        spec = speclib.load(suite_path, resolve_components=False)
         keys = spec.request_keys(data_root)
         raw = [r for r in raw if r.request_key in keys]
         suite = {"name": spec.name, "spec_hash": spec.spec_hash, "path": str(suite_path), "jobs": len(keys)}

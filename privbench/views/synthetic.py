@@ -84,6 +84,74 @@ def make_row(defense: str, attack: str, seed: int, *, strength: float = 0.5, sta
     return row
 
 
+PROTECTION = {"none": 0.0, "dp": 0.4, "mple": 0.3, "gascnn": 0.35, "he": 0.0, "gradprune": 0.5}
+SUITE_TOML = """# a grid like the medical-mri suite's, on the built-in synthetic data (benchmarks/perf/views.py)
+[suite]
+name = "views-perf"
+seeds = "0-{last_seed}"
+
+[run]
+dataset = "synthetic-mri"
+target_seed = 0
+
+[[defenses]]
+name = "none"
+
+[[defenses]]
+name = "dp"
+grid = {{ epsilon = [1.0, 8.0, 32.0] }}
+
+[[defenses]]
+name = "mple"
+
+[[defenses]]
+name = "gascnn"
+
+[[defenses]]
+name = "he"
+
+[[attacks]]
+name = "dlg"
+
+[[attacks]]
+name = "idlg"
+
+[[attacks]]
+name = "invgrad"
+
+[[attacks]]
+name = "loss-threshold"
+
+[[attacks]]
+name = "lira"
+"""
+
+
+def fill_suite(store_path: Path, spec_path: Path, n: int = 1000, seed: int = 0) -> Store:
+    """Write a suite spec of about ``n`` jobs to ``spec_path`` and one synthetic row per job (its request key),
+    about 3% of them failed, into a store at ``store_path``."""
+    from privbench import registry
+    from privbench.suite import spec as speclib
+
+    spec_path.write_text(SUITE_TOML.format(last_seed=max(1, -(-n // 35)) - 1))
+    spec = speclib.load(spec_path)
+    store = Store(store_path)
+    rng = np.random.default_rng(seed)
+    for k, (key, job) in enumerate(spec.request_keys().items()):
+        c = job.config
+        params = dict(c.defense_params)
+        eps = params.get("epsilon")
+        protection = PROTECTION.get(c.defense, 0.2) * (1.5 if eps == 1.0 else 1.0 if eps == 8.0 else 0.6)
+        strength = max(0.0, 0.9 - protection + rng.normal(0, 0.05))
+        model = c.model or registry.defenses.get(c.defense).default_model
+        store.record(make_row(c.defense, c.attack, c.seed, strength=strength, defense_params=params, model=model,
+                              status="failed" if rng.random() < 0.03 else "ok", request_key=key, created=k, batch=4,
+                              costs={"epsilon_spent": eps} if eps else {},
+                              twin_accuracy=None if c.defense == "none" else 0.82,
+                              accuracy=0.82 - protection * 0.1))
+    return store
+
+
 def fill(store_path: Path, n: int = 1000, seed: int = 0) -> Store:
     """A store of about ``n`` rows over a grid like the medical-mri suite's (for speed benchmarks)."""
     store = Store(store_path)
