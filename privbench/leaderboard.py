@@ -97,7 +97,7 @@ def _metric(ok: list[RunResult], name: str, stat: str, what: str, fallback: str,
         return na(fallback)
     values = _per_victim(ok, name) if per_victim else [r.metrics.get(name) for r in ok]
     reason = _reason(ok, name) or f"{name} not stored in the {len(ok)} ok run(s)"
-    ci = ok[0].metrics.get(ci_key) if ci_key and len(ok) == 1 else None
+    ci = ok[0].metrics.get(ci_key) if ci_key else None  # used when the runs give one value (n=1, or all equal)
     return estimate(values, stat, what=what, reason_if_empty=reason, ci=ci)
 
 
@@ -138,8 +138,8 @@ def _entry(rows: list[RunResult], family: str, cell_scores: list[dict]) -> dict[
         for name in ("tpr_at_0.01_fpr", "tpr_at_0.001_fpr"):
             metrics[name] = _metric(ok, name, "mean", "runs", fallback, ci_key=f"{name}_ci")
         metrics["advantage"] = _metric(ok, "advantage", "mean", "runs", fallback)
-    else:
-        for name in HEADLINE.get(family, ()):
+    else:  # another family (model inversion...): its headline metrics, or at least its success metric
+        for name in HEADLINE.get(family) or (success_metric(family),):
             metrics[name] = _metric(ok, name, "mean", "runs", fallback)
             if any(f"baseline_{name}" in r.metrics for r in ok):
                 metrics[f"baseline_{name}"] = _metric(ok, f"baseline_{name}", "mean", "runs", fallback)
@@ -536,14 +536,16 @@ def detail_cells(line: dict, entry: dict) -> dict[str, str]:
     return out
 
 
-def footnotes(board: dict) -> tuple[dict[int, list[tuple[str, int]]], list[str]]:
-    """Per line index, its (flag, footnote number) pairs, and the footnotes' texts in order."""
+def footnotes(board: dict) -> tuple[dict[int, list[tuple[str, list[int]]]], list[str]]:
+    """Per line index, its flags each with its footnote numbers, and the footnotes' texts in order."""
     notes: list[str] = []
-    marks: dict[int, list[tuple[str, int]]] = {}
+    marks: dict[int, list[tuple[str, list[int]]]] = {}
     for i, ln in enumerate(board["lines"]):
+        grouped: dict[str, list[int]] = {}
         for f in sorted(ln["flags"], key=lambda f: FLAG_ORDER.index(f["flag"])):
             notes.append(f"{f['flag']}: {f['text']}" if not f["text"].startswith(f["flag"]) else f["text"])
-            marks.setdefault(i, []).append((f["flag"], len(notes)))
+            grouped.setdefault(f["flag"], []).append(len(notes))
+        marks[i] = list(grouped.items())
     return marks, notes
 
 
@@ -586,7 +588,7 @@ def to_markdown(data: dict[str, Any]) -> str:
         rows = []
         for i, ln in enumerate(board["lines"]):
             c = cells(ln, board)
-            c["flags"] = " ".join(f"{flag}[{n}]" for flag, n in marks.get(i, []))
+            c["flags"] = " ".join(f"{flag}[{', '.join(map(str, ns))}]" for flag, ns in marks.get(i, []))
             header = header or list(c)
             rows.append([c[h] for h in header])
         out += _md_table(header or ["defense"], rows)

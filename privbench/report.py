@@ -292,8 +292,13 @@ def dp_curve(figs: Figures, data: dict, notes: list[str]) -> None:
     axes[1].set_xlabel("epsilon (target; inf plotted at the right edge)")
     axes[1].set_ylabel("worst-case attack success")
     axes[1].legend(fontsize=7)
+    ticks = sorted({x_of(e) for _, pts in series for e, _ in pts})
+    labels = [("inf" if t == inf_at and not any(math.isfinite(e) and e == t for _, p in series for e, _ in p)
+               else f"{t:g}") for t in ticks]
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
+        ax.set_xticks(ticks, labels)
+        ax.minorticks_off()
     fig.suptitle("DP-SGD: accuracy and attack success vs epsilon")
     figs.add(fig, "dp-epsilon", "DP: accuracy and attack success vs epsilon",
              "Each point a dp configuration; error bars: 95% bootstrap intervals.", "dp")

@@ -110,7 +110,7 @@ class _Pipe:
 
 
 def check_page(page: Path, screenshot: Path | None = None, width: int = 1400, height: int = 1800,
-               binary: str | None = None) -> PageCheck:
+               binary: str | None = None, full_page: bool = False) -> PageCheck:
     binary = binary or find()
     if binary is None:
         raise FileNotFoundError("no chromium binary on PATH")
@@ -135,6 +135,12 @@ def check_page(page: Path, screenshot: Path | None = None, width: int = 1400, he
                 })()"""}, session=session)["result"]["value"]
             out.images, out.title = result["images"], result["title"]
             if screenshot is not None:
+                if full_page:  # the whole page in one image (capped)
+                    full = pipe.send("Runtime.evaluate", {"expression": "document.documentElement.scrollHeight",
+                                                          "returnByValue": True}, session=session)["result"]["value"]
+                    pipe.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": min(int(full), 16000),
+                                                                      "deviceScaleFactor": 1, "mobile": False},
+                              session=session)
                 shot = pipe.send("Page.captureScreenshot", {"format": "png"}, session=session)
                 screenshot.write_bytes(base64.b64decode(shot["data"]))
                 out.screenshot = screenshot
@@ -160,6 +166,6 @@ def check_page(page: Path, screenshot: Path | None = None, width: int = 1400, he
 
 
 if __name__ == "__main__":
-    found = check_page(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+    found = check_page(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None, full_page=True)
     print(json.dumps({"title": found.title, "images": len(found.images),
                       "broken": [i for i in found.images if not i["naturalWidth"]], "errors": found.errors}, indent=1))

@@ -198,6 +198,25 @@ def test_registry_metadata_for_rows_that_do_not_carry_it(tmp_path):
     assert claim["quantity"] == "accuracy_drop" and claim["ours"]["value"] == pytest.approx(0.01)
 
 
+def test_identical_runs_keep_the_runs_own_interval_and_other_families_get_a_board(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    rows = [make_row("none", "loss-threshold", s, created=s, metrics={"auc": 0.51, "auc_ci": [0.47, 0.55]})
+            for s in range(3)]
+    for s in range(2):  # a family the board does not know by name: its own board, its key metric
+        r = make_row("none", "class-inv", s, created=10 + s, metrics={"attack_accuracy": 0.3 + 0.1 * s})
+        r.info["family"] = "model_inversion"
+        rows.append(r)
+    _record(store, rows)
+    data = leaderboard.build(select(store))
+    fam = {b["family"]: b for b in data["families"]}
+    auc = fam["membership"]["lines"][0]["attacks"][0]["metrics"]["auc"]
+    assert auc["n"] == 3 and auc["ci"] == [0.47, 0.55] and "same value" in auc["ci_over"]
+    assert fam["membership"]["lines"][0]["attacks"][0]["beats_baseline"] is False  # a zero-width interval: no
+    inv = fam["model_inversion"]["lines"][0]
+    assert fam["model_inversion"]["title"] == "Model inversion"
+    assert inv["worst_case"]["value"] == pytest.approx(0.35) and inv["worst_case"]["n"] == 2
+
+
 # -- escaping, CLI -----------------------------------------------------------------------------------
 
 XSS = "<script>alert(1)</script>"

@@ -43,14 +43,15 @@ def estimate(values: Sequence[Any], stat: str = "median", *, what: str = "values
     fn: Callable[..., Any] = np.median if stat == "median" else np.mean
     value = float(fn(xs))
     out: dict[str, Any] = {"value": value, "ci": None, "n": n, "stat": stat, "reason": None}
-    if n >= 2:
+    if n >= 2 and float(np.ptp(xs)) > 0:
         out["ci"] = bootstrap_ci(xs, fn)
         out["ci_over"] = ci_over or what
     elif ci is not None and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci):
         out["ci"] = [float(ci[0]), float(ci[1])]
-        out["ci_over"] = "the run's own bootstrap over its candidates"
+        out["ci_over"] = "the run's own bootstrap over its candidates" + (
+            f" (the {n} {what} gave the same value)" if n > 1 else "")
     else:
-        out["ci_reason"] = f"n=1: no interval over {what}"
+        out["ci_reason"] = f"n=1: no interval over {what}" if n == 1 else f"the {n} {what} gave the same value"
     return out
 
 
@@ -79,10 +80,18 @@ def fmt_number(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def short_reason(reason: str, limit: int = 160) -> str:
+    """A reason as a table shows it: its first sentence, at most ``limit`` characters (the JSON keeps it whole)."""
+    text = " ".join(str(reason).split())
+    if ". " in text:
+        text = text[: text.index(". ")]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def fmt_estimate(est: dict[str, Any] | None, digits: int = 4, *, with_reason: bool = True) -> str:
     """``0.412 [0.38, 0.45] n=10``, or ``n/a (reason)``; a failed / missing number is never 0."""
     if not est or est.get("value") is None:
-        reason = (est or {}).get("reason") or "not stored"
+        reason = short_reason((est or {}).get("reason") or "not stored")
         return f"n/a ({reason})" if with_reason else "n/a"
     text = fmt_number(est["value"], digits)
     if est.get("ci"):
