@@ -619,6 +619,96 @@ def _print_ledger(path: Path, result) -> None:
     _say((f"{path}: tampered", "bold red"), f": {result.reason}{where}", err=True)
 
 
+# -- views: leaderboard and report (they read the store; they never import the runner) -----------------
+
+
+def _view_selection(store_path: Path | None, suite: Path | None, data_root: Path | None):
+    """The rows a view shows, or exit 2 with the reason (no store, a bad spec, nothing selected)."""
+    from privbench.suite.spec import SpecError
+    from privbench.views.rows import SelectionError, select
+
+    try:
+        store = _open_store(store_path, create=False)
+        if store is None:
+            raise SelectionError(f"there is no results store at {_default_store()} (nothing has been stored there); "
+                                 f"run 'bench run' or 'bench suite' first, or pass --store PATH")
+        if suite is not None and not suite.is_file():
+            raise SelectionError(f"--suite {suite}: no such spec file")
+        selection = select(store, suite, str(data_root) if data_root else None)
+        return store, selection
+    except (*_input_errors(), SpecError, SelectionError) as exc:
+        _fail_input(exc)
+
+
+def _view_command(name: str, **options: object) -> str:
+    """The command line that regenerates a view, as written into it (no --store: the store is the user's)."""
+    parts = [f"bench {name}"]
+    for key, value in options.items():
+        if value is True:
+            parts.append(f"--{key.replace('_', '-')}")
+        elif value not in (None, False):
+            parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
+@app.command("leaderboard")
+def leaderboard_cmd(
+    suite: Annotated[Path | None, typer.Option("--suite", help="Only the rows of this suite spec's jobs.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="md, html, json or csv (default: md on stdout; "
+                                                             "with --out, all four files).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write README.md, leaderboard.json, .csv and .html "
+                                                           "into this folder.")] = None,
+    store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding the suite's dataset (for its request keys).")] = None,
+) -> None:
+    """Boards per attack family from stored rows: one line per defense configuration, worst case first-class.
+
+    Every ok, failed and unsupported row (superseded never), or with --suite the rows of that spec's jobs.
+    Exit 2 when there is no store, the spec is bad or nothing is selected."""
+    from privbench import leaderboard
+
+    _log_to_stderr(logging.WARNING, err_console.is_terminal)
+    if fmt is not None and fmt not in leaderboard.FORMATS:
+        _fail_input(ValueError(f"--format must be one of {', '.join(leaderboard.FORMATS)}, got {fmt!r}"))
+    store, selection = _view_selection(store_path, suite, data_root)
+    command = _view_command("leaderboard", suite=suite, format=fmt, out=out)
+    try:
+        data = leaderboard.build(selection, store.cell_scores(), command=command)
+    except _input_errors() as exc:
+        _fail_input(exc)
+    if out is None:
+        typer.echo(leaderboard.render(data, fmt or "md"), nl=False)
+        return
+    try:
+        written = leaderboard.write(data, out, (fmt,) if fmt else leaderboard.FORMATS)
+    except OSError as exc:
+        _fail_input(exc)
+    rows = data["rows"]
+    _say(f"leaderboard of {rows['total']} rows ({rows.get('ok', 0)} ok, {rows.get('failed', 0)} failed, "
+         f"{rows.get('unsupported', 0)} unsupported) written to: " + ", ".join(str(p) for p in written))
+
+
+@app.command("report")
+def report_cmd(
+    suite: Annotated[Path, typer.Option("--suite", help="The suite spec whose rows the report compares.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for index.html and figures/ (PNG and SVG).")],
+    no_gallery: Annotated[bool, typer.Option("--no-gallery", help="No reconstruction galleries (for data you may "
+                                                                  "not show).")] = False,
+    store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding the suite's dataset (for its request keys).")] = None,
+) -> None:
+    """One self-contained HTML comparison report (figures inline) of a suite's stored rows, plus the figures."""
+    from privbench import leaderboard, report
+
+    _log_to_stderr(logging.WARNING, err_console.is_terminal)
+    store, selection = _view_selection(store_path, suite, data_root)
+    command = _view_command("report", suite=suite, out=out, no_gallery=no_gallery)
+    try:
+        data = leaderboard.build(selection, store.cell_scores(), command=_view_command("leaderboard", suite=suite))
+        path = report.build(selection, data, out, gallery=not no_gallery, command=command)
+    except (*_input_errors(), OSError) as exc:
+        _fail_input(exc)
+    _say(f"report of {data['rows']['total']} rows written to {path} (figures in {path.parent / 'figures'})")
 from privbench import cli_suite  # noqa: E402,F401  (registers "bench suite")
 
 

@@ -142,6 +142,12 @@ def prepare(cfg: RunConfig, options: RunOptions, staging: Path, data_fingerprint
     fitted = targets.fit_with_twin(defense, ctx.build_model, parts.members, ctx, cache_dir(options) / "targets",
                                    staging)
     info["target"] = fitted.info
+    info["components"] = {  # what leaderboards flag by (adaptive, unreliable, claim), kept with the row
+        "attack_adaptive_for": list(getattr(attack_cls, "adaptive_for", ())),
+        "attack_surface": attack.surface.value,
+        "defense_differentiable": bool(getattr(type(defense), "differentiable", True)),
+        "defense_paper_claims": [c.to_dict() for c in getattr(type(defense), "paper_claims", ())],
+    }
     if fitted.twin is not None:
         info["twin"] = fitted.twin_info
     stages.begin(progress, "observation")

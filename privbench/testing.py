@@ -555,6 +555,11 @@ def check_defense_metadata(s: Spec) -> None:
         unknown = sorted(set(cls.models) - set(known))
         _require(not unknown, f"models names unregistered models {unknown}")
     _require(isinstance(getattr(cls, "tiny_params", {}), Mapping), "tiny_params must be a dict")
+    from privbench.claims import PaperClaim
+
+    claims = getattr(cls, "paper_claims", ())
+    _require(isinstance(claims, tuple) and all(isinstance(c, PaperClaim) for c in claims),
+             f"paper_claims must be a tuple of privbench.claims.PaperClaim, got {claims!r}")
 
 
 @_check(("defenses",))
@@ -1001,6 +1006,9 @@ def check_attack_metadata(s: Spec) -> None:
     _require(family in registry.metrics, f"no scorer is registered for the family {family!r}")
     _require(isinstance(cls.stochastic, bool), f"stochastic must be a bool, got {cls.stochastic!r}")
     _require(isinstance(getattr(cls, "tiny_params", {}), Mapping), "tiny_params must be a dict")
+    adaptive_for = getattr(cls, "adaptive_for", ())
+    _require(isinstance(adaptive_for, tuple) and all(isinstance(x, str) and x for x in adaptive_for),
+             f"adaptive_for must be a tuple of defense names, got {adaptive_for!r}")
 
 
 @_check(("attacks",))

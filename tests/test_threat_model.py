@@ -233,6 +233,13 @@ def test_defenses_do_not_import_attacks():
     assert _violations("defenses", ("privbench.attacks", "privbench.runner")) == []
 
 
+def test_views_do_not_import_the_runner():
+    views = [PACKAGE / "leaderboard.py", PACKAGE / "report.py", *sorted((PACKAGE / "views").rglob("*.py"))]
+    found = [f"{path.relative_to(PACKAGE.parent)} imports {name}" for path in views for name in sorted(_imports(path))
+             if name == "privbench.runner" or name.startswith("privbench.runner.")]
+    assert len(views) > 3 and found == []
+
+
 def test_the_import_graph_check_sees_a_violation(tmp_path, monkeypatch):
     fake = tmp_path / "privbench" / "attacks"
     fake.mkdir(parents=True)

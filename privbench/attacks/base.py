@@ -63,6 +63,10 @@ class Attack(ABC):
     surface: ClassVar[Surface]
     family: ClassVar[Family]
     stochastic: ClassVar[bool] = False  # does the output depend on the attack's seed (random starts, shadow draws)?
+    # The registered defenses this attack was designed against (an adaptive attack: it models what the defense
+    # does, e.g. a surrogate gradient or the morphing); empty for a naive attack. Leaderboards read it for their
+    # `adaptive` and `unreliable` flags.
+    adaptive_for: ClassVar[tuple[str, ...]] = ()
     # For the conformance kit (privbench.testing): parameters for its tiny problem, and the registered defense whose
     # tiny target it attacks (one that exposes ``surface``; ``none`` passes every surface but SHARED_DATA through).
     tiny_params: ClassVar[dict[str, Any]] = {}

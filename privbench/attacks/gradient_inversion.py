@@ -391,6 +391,7 @@ class _SpikingAdaptive(GradientInversion):
     """Adaptive variants for spiking targets: they require the model to be a spiking network (T, encoder)."""
 
     tiny_defense = "gascnn"
+    adaptive_for = ("gascnn",)
 
     def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
         update = observation.gradient_update

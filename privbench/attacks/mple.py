@@ -112,6 +112,7 @@ class FeatureLeakParams:
 class FeatureLeak(SharedDataAttack):
     """Adaptive: t C_ac gives the first-layer features; blind filter identification, then deconvolution."""
 
+    adaptive_for = ("mple",)
     Params = FeatureLeakParams
     description = ("MpLe adaptive: t C_ac = permuted C_r features of the image; identify the filters by the "
                    "cross-relation (match to C_r when public), least-squares deconvolution.")
@@ -189,6 +190,7 @@ class KnownPlaintextParams:
 class KnownPlaintext(SharedDataAttack):
     """Adaptive: estimate M^-1 from n known (d, t) pairs by least squares and unmorph the victim's t."""
 
+    adaptive_for = ("mple",)
     Params = KnownPlaintextParams
     description = "MpLe adaptive: n known (image, morphed) pairs -> minimum-norm/ridge estimate of M^-1 -> unmorph."
     tiny_params = {"pairs": 8}
@@ -248,6 +250,7 @@ class MorphedDLGParams(GradientInversionParams):
 class MorphedDLG(_MorphedGradientInversion):
     """DLG on the morphed input (analytic label for one image), mapped back to an image through C_ac and C_r."""
 
+    adaptive_for = ("mple",)
     Params = MorphedDLGParams
     description = "MpLe adaptive gradient inversion: DLG on morphed t (no image priors), then t C_ac deconvolved."
 
@@ -256,6 +259,7 @@ class MorphedDLG(_MorphedGradientInversion):
 class MorphedInvertingGradients(_MorphedGradientInversion):
     """Inverting Gradients on the morphed input (box and TV dropped), mapped back through C_ac."""
 
+    adaptive_for = ("mple",)
     Params = InvertingGradientsParams
     description = ("MpLe adaptive gradient inversion: Inverting Gradients on morphed t (box and TV dropped), "
                    "then t C_ac deconvolved.")

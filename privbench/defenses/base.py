@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from privbench.claims import PaperClaim
 from privbench.threat import GradientUpdate, Observation, Surface, UpdateRule, Victim
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class Defense(ABC):
     description: ClassVar[str] = ""
     protects: ClassVar[frozenset[Surface]] = frozenset()
     differentiable: ClassVar[bool] = True  # can an attacker backpropagate through what it exposes?
+    # Figures the defense's seed paper states (privbench.claims.PaperClaim); a leaderboard shows each beside ours.
+    paper_claims: ClassVar[tuple[PaperClaim, ...]] = ()
     stochastic: ClassVar[bool] = False  # does the exposed quantity involve fresh randomness?
     # The registered model names the defense runs on (None: any registered model), the one it runs on when
     # the user names none, and why a model outside ``models`` cannot work (for the error; see check_model).

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from privbench import morphing, registry
+from privbench.claims import MPLE_CLAIMS
 from privbench.config import ConfigError, derive_seed
 from privbench.defenses.base import (
     Defense,
@@ -307,6 +308,7 @@ class MpLe(Defense):
     models = ("convnet", "vgg", "resnet")
     default_model = "convnet"
     tiny_params = {"epochs": 1, "batch_size": 16}
+    paper_claims = MPLE_CLAIMS
     models_reason = ("MpLe folds its secret morphing into the layer the model applies first to the image, which must "
                      "be a stride-1, undilated, ungrouped convolution with a square kernel (lenet's first convolution "
                      "has stride 2; capsnet's has stride 2 on images of 64 px or more)")

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from privbench import registry
 from privbench.cache import cache_key, load_torch, save_torch, state_digest
+from privbench.claims import GASCNN_CLAIMS
 from privbench.config import ConfigError, derive_seed
 from privbench.defenses.base import (
     Defense,
@@ -255,6 +256,7 @@ class GASCNN(Defense):
     models_reason = ("GASCNN converts a ReLU network whose pooling it can average into a spiking network (the "
                      "ResNet, or a sequential ReLU network such as convnet); lenet's sigmoids have no spiking equivalent")
     differentiable = True  # through the surrogate spike gradient and the straight-through encoder
+    paper_claims = GASCNN_CLAIMS
     stochastic = True  # with encoding=poisson
     tiny_params = {"epochs": 1, "batch_size": 16, "synthesis_steps": 3, "synthetic_size": 40, "timesteps": 4,
                    "finetune_epochs": 1, "curve": "", "percentile": 99.9}

@@ -152,6 +152,7 @@ class MaskedDLG(DLG):
     description = ("DLG adapted to gradient pruning: L2 distance, L-BFGS, joint soft label, the dummy gradient "
                    "masked to the entries the shared update kept (the pruned zeros carry no information).")
     tiny_defense = GradientPruning
+    adaptive_for = ("gradprune",)
 
     def gradient_distance(self, dummy: tuple[torch.Tensor, ...], target: tuple[torch.Tensor, ...]) -> torch.Tensor:
         masked = tuple(d * (t != 0) for d, t in zip(dummy, target, strict=True))
