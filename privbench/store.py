@@ -813,6 +813,8 @@ class Store:
 
     def suite_run_ids(self, spec_hash: str) -> list[str]:
         """The run ids recorded for the suite whose spec hash is ``spec_hash``."""
+        if not self._fetch("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'suite_runs'", ()):
+            return []  # a store of an earlier privbench, opened read-only
         rows = self._fetch("SELECT run_id FROM suite_runs WHERE spec_hash = ? ORDER BY created_at", (spec_hash,),
                            table="suite_runs")
         return [r["run_id"] for r in rows]

@@ -56,7 +56,10 @@ def select(store: Store, suite_path: str | Path | None = None, data_root: str | 
         # jobs and their request keys are the same either way.
         spec = speclib.load(suite_path, resolve_components=False)
         keys = spec.request_keys(data_root)
-        raw = [r for r in raw if r.request_key in keys]
+        # a job the suite served with a row stored under another request key (e.g. by 'bench run' with the
+        # parameters written differently, found by its resolved config) is recorded in suite_runs
+        served = set(store.suite_run_ids(spec.spec_hash))
+        raw = [r for r in raw if r.request_key in keys or r.run_id in served]
         suite = {"name": spec.name, "spec_hash": spec.spec_hash, "path": str(suite_path), "jobs": len(keys)}
     ok_keys: set[str] = set()
     rows: list[RunResult] = []
@@ -71,7 +74,7 @@ def select(store: Store, suite_path: str | Path | None = None, data_root: str | 
             rows.append(r)
     rows.sort(key=lambda r: (r.created_at, r.run_id))
     if suite is not None:
-        suite["missing"] = suite["jobs"] - len({r.request_key for r in rows})
+        suite["missing"] = max(0, suite["jobs"] - len(rows))
     counts = {s: sum(r.status == s for r in rows) for s in VIEW_STATUSES}
     if not rows:
         where = f"of the suite {suite['name']!r} ({suite_path})" if suite else "ok, failed or unsupported"
