@@ -325,3 +325,11 @@ def test_ctrl_c_lets_running_jobs_finish_and_keeps_the_store_consistent(tmp_path
     assert not [p for p in (home / "artifacts").iterdir() if p.name.startswith((".staging-", ".new-"))]
     again = _bench("suite", str(spec), "--jobs", "2", home=home)
     assert again.returncode == 0 and len(_rows(home)) == GRID
+
+
+def test_rules_about_models_see_the_defense_default_architecture(tmp_path):
+    text = TINY.replace('models = ["lenet"]\nparams = {{ epochs = 1 }}\n\n[[defenses]]\nname = "dp"\nmodels = ["lenet"]',
+                        'models = ["lenet"]\nparams = {{ epochs = 1 }}\n\n[[defenses]]\nname = "dp"')
+    assert 'name = "dp"\nparams' in text
+    spec = speclib.load(_spec(tmp_path, text + '\n[[only]]\nattack = "dlg"\nmodel = "lenet"\n'))
+    assert {(j.config.defense, j.config.attack) for j in spec.jobs} >= {("dp", "dlg")}  # dp's default is lenet

@@ -165,8 +165,9 @@ def load(path: str | Path, *, resolve_components: bool = True) -> SuiteSpec:
             for model in _names(models, where, "models", allow_none=True):
                 if model is not None:
                     _check_name(registry.models, model, where)
+                rule_model = model if model is not None else _default_model(d_name, rules)
                 for a_name, a_params, _ in attacks:
-                    if not _kept(rules, defense=d_name, attack=a_name, model=model, dataset=dataset):
+                    if not _kept(rules, defense=d_name, attack=a_name, model=rule_model, dataset=dataset):
                         continue
                     for seed in seeds:
                         config = _config(base, where, defense=d_name, defense_params=d_params, attack=a_name,
@@ -328,6 +329,16 @@ def _rules(data: Mapping[str, Any], kind: str, where: _Locator) -> list[dict[str
                 if reg is not None:
                     _check_name(reg, name, where)
     return out
+
+
+def _default_model(defense: str, rules: Mapping[str, list[dict[str, list[str]]]]) -> str | None:
+    """The architecture a defense runs on when the spec names none, if a rule asks about models (finding
+    it imports the defense; a spec that lists its models never does)."""
+    if not any("model" in rule for kind in rules.values() for rule in kind):
+        return None
+    from privbench.config import default_model
+
+    return default_model(registry.defenses.get(defense))
 
 
 def _matches(rule: Mapping[str, list[str]], **job: Any) -> bool:
