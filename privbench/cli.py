@@ -704,7 +704,7 @@ def report_cmd(
     store, selection = _view_selection(store_path, suite, data_root)
     command = _view_command("report", suite=suite, out=out, no_gallery=no_gallery)
     try:
-        data = leaderboard.build(selection, store.cell_scores(), command=_view_command("leaderboard", suite=suite))
+        data = leaderboard.build(selection, store.cell_scores(), command=command)  # its header names this command
         path = report.build(selection, data, out, gallery=not no_gallery, command=command)
     except (*_input_errors(), OSError) as exc:
         _fail_input(exc)
