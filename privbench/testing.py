@@ -1002,7 +1002,7 @@ def check_attack_metadata(s: Spec) -> None:
     _require(isinstance(description, str) and description.strip(), "no description (class attribute or docstring)")
     _require(isinstance(getattr(cls, "surface", None), Surface), f"surface must be a Surface, got {getattr(cls, 'surface', None)!r}")
     family = getattr(cls, "family", None)
-    _require(family in ("reconstruction", "class_inversion", "membership"), f"unknown family {family!r}")
+    _require(family in ("reconstruction", "model_inversion", "membership"), f"unknown family {family!r}")
     _require(family in registry.metrics, f"no scorer is registered for the family {family!r}")
     _require(isinstance(cls.stochastic, bool), f"stochastic must be a bool, got {cls.stochastic!r}")
     _require(isinstance(getattr(cls, "tiny_params", {}), Mapping), "tiny_params must be a dict")
@@ -1029,7 +1029,7 @@ def check_attack_output_schema(s: Spec) -> None:
     _require(isinstance(output, AttackOutput), f"run returned {type(output).__name__}, not AttackOutput")
     _require(isinstance(output.grad_evals, int) and output.grad_evals >= 0, f"grad_evals is {output.grad_evals!r}")
     family = s.obj.family
-    if family in ("reconstruction", "class_inversion"):
+    if family in ("reconstruction", "model_inversion"):
         images, labels = output.images, output.labels
         _require(isinstance(images, torch.Tensor) and images.is_floating_point(), "images must be a float tensor")
         if family == "reconstruction":
