@@ -73,6 +73,7 @@ class Attack(ABC):
     # tiny target it attacks (one that exposes ``surface``; ``none`` passes every surface but SHARED_DATA through).
     tiny_params: ClassVar[dict[str, Any]] = {}
     tiny_defense: ClassVar[str | type] = "none"  # a registered name, or the defense class itself
+    tiny_model: ClassVar[str | None] = None  # the model that defense fits for the kit (None: its default model)
 
     def __init__(self, params: Any, seed: int):
         self.params = params
