@@ -23,9 +23,9 @@ from privbench.threat import AttackError, InversionTruth, MembershipTruth, Obser
 if TYPE_CHECKING:
     from torch import nn
 
+    from privbench.attacks.base import Attack
     from privbench.datasets import ImageDataset
     from privbench.datasets.splits import Splits
-    from privbench.attacks.base import Attack
     from privbench.defenses.base import Defense, FitContext, Target
 
 SEED_PURPOSES = ("init", "train", "secrets", "victim", "observe", "attack")

@@ -46,7 +46,6 @@ from torch.nn import functional as F
 
 from privbench import cache, registry
 from privbench.attacks.base import Attack, AttackOutput, Progress
-from privbench.attacks.gradient_inversion import total_variation
 from privbench.config import Budget
 from privbench.deps import require
 from privbench.params import bounded
