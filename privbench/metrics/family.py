@@ -22,10 +22,8 @@ if TYPE_CHECKING:
 # The metrics a person reads first, per family, in order (each beside its baseline where one exists).
 HEADLINE: dict[str, tuple[str, ...]] = {
     "reconstruction": ("psnr", "ssim", "mse", "label_accuracy"),
-    "model_inversion": ("attack_accuracy", "chance_level", "baseline_class_mean_attack_accuracy",
-                        "baseline_random_auxiliary_attack_accuracy", "member_closer_fraction",
-                        "nn_feature_distance_member", "nn_feature_distance_nonmember", "nearest_member_ssim",
-                        "nearest_member_psnr", "eval_classifier_heldout_accuracy"),
+    "model_inversion": ("attack_accuracy", "chance_level", "baseline_random_auxiliary_attack_accuracy",
+                        "member_closer_fraction", "nearest_member_ssim", "eval_classifier_heldout_accuracy"),
     "membership": ("auc", "advantage", "balanced_accuracy", "tpr_at_0.01_fpr", "tpr_at_0.001_fpr",
                    "empirical_epsilon_lower_bound", "dp_audit_power"),
 }
