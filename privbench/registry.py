@@ -324,6 +324,8 @@ attacks: Registry = Registry(
         "deepinversion": "privbench.attacks.model_inversion",
         "gmi": "privbench.attacks.model_inversion",
         "pred-decoder": "privbench.attacks.model_inversion",
+        "mi-face-snn": "privbench.attacks.model_inversion",
+        "gmi-snn": "privbench.attacks.model_inversion",
     },
 )
 datasets: Registry = Registry(

@@ -19,6 +19,12 @@ Family ``model_inversion``; the output is one (or more) image per class with the
   data of the same kind, disjoint from the members), cached on disk by the auxiliary split's identity (its ids
   and pixels) and the GAN's settings; then per class latent codes optimised for the discriminator's realism
   plus ``id_weight`` x the class cross-entropy of the target; the code with the lowest final loss is kept.
+- ``mi-face-snn`` / ``gmi-snn`` (adaptive, for ``gascnn``): the same attacks through the released spiking network
+  run as a rate-coded ANN (each integrate-and-fire layer replaced by its rate: ReLU clipped at the layer's
+  threshold, the folded weights unchanged), whose gradient is exact where the SNN's surrogate gradient is not;
+  the final images are re-scored on the SNN itself to pick the restart. A model that is not a spiking network
+  is refused (unsupported). The naive ``mi-face`` / ``gmi`` go through the surrogate gradient; a board shows
+  both, so the stronger of the two is the one that counts.
 - ``pred-decoder`` (Yang et al. 2019, MODEL_QUERIES, instance level): a decoder trained on the auxiliary split to
   map the target's prediction vectors (probabilities, top-k probabilities, logits or the label only) back to
   images, applied to the victims' prediction vectors the observation carries (one member per class; their
@@ -140,8 +146,13 @@ class MIFace(ModelInversion):
     stochastic = True
     tiny_params = {"steps": 30, "restarts": 2}
 
-    def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
+    def _surrogate_and_judge(self, observation: Observation) -> tuple[nn.Module, nn.Module]:
+        """(the network the images are optimised through, the released network that scores the restarts)."""
         model = self._model(observation)
+        return model, model
+
+    def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
+        model, judge = self._surrogate_and_judge(observation)
         (c, h, w), k = _shape(observation)
         p = self.params
         restarts = p.restarts
@@ -165,13 +176,83 @@ class MIFace(ModelInversion):
             if progress and (step % 20 == 0 or step == steps - 1):
                 progress(step + 1, steps)
         with torch.no_grad():
-            final = class_cost(model(x), labels, p.loss) + _priors(x, p.tv_weight, p.l2_weight)
+            final = class_cost(judge(x), labels, p.loss) + _priors(x, p.tv_weight, p.l2_weight)
         best = _best_per_class(final, labels, k)
         return AttackOutput(
             images=x.detach()[best].clone(), labels=torch.arange(k), grad_evals=steps * len(x),
             info={"steps": steps, "restarts": restarts, "final_objective": [float(final[i]) for i in best],
                   "selection": "per class, the start with the lowest final objective (class cost + priors)"},
         )
+
+
+# -- spiking networks run as rate-coded ANNs -------------------------------------------------------------------------
+
+
+def _clip(threshold: float):
+    return lambda x: x.clamp(0, threshold)
+
+
+class RateCodedResNet(nn.Module):
+    """A spiking ResNet (gascnn's, duck-typed: stem / lif_stem, blocks with conv1 / conv2 / shortcut / lif_a /
+    lif_b, fc) as the ANN its firing rates approximate: every integrate-and-fire layer of threshold lam becomes
+    clamp(x, 0, lam) (its graded spikes carry lam, so rate x lam is the clipped activation)."""
+
+    def __init__(self, snn: nn.Module):
+        super().__init__()
+        self.snn = snn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        snn = self.snn
+        s = _clip(float(snn.lif_stem.threshold))(snn.stem(x))
+        for block in snn.blocks:
+            h = _clip(float(block.lif_a.threshold))(block.conv1(s))
+            residual = s if block.shortcut is None else block.shortcut(s)
+            s = _clip(float(block.lif_b.threshold))(block.conv2(h) + residual)
+        return snn.fc(F.adaptive_avg_pool2d(s, 1).flatten(1))
+
+
+class RateCodedSequential(nn.Module):
+    """A spiking sequential network (duck-typed: plan, layers, neurons, pools) as its rate-coded ANN."""
+
+    def __init__(self, snn: nn.Module):
+        super().__init__()
+        self.snn = snn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        snn = self.snn
+        for kind, index in snn.plan:
+            if kind == "weight":
+                x = snn.layers[index](x)
+            elif kind == "fire":
+                x = _clip(float(snn.neurons[index].threshold))(x)
+            elif kind == "pool":
+                x = snn.pools[index](x)
+            else:
+                x = x.flatten(1)
+        return x
+
+
+def rate_coded_ann(model: nn.Module) -> nn.Module:
+    """The rate-coded ANN of a spiking network, or AttackError (unsupported) if ``model`` is not one."""
+    if not hasattr(model, "timesteps"):
+        raise UnsupportedPair(f"the released model ({type(model).__name__}) is not a spiking network: there is no "
+                              f"rate-coded ANN to attack (use the naive attack)")
+    if all(hasattr(model, a) for a in ("stem", "lif_stem", "blocks", "fc")):
+        return RateCodedResNet(model).eval()
+    if all(hasattr(model, a) for a in ("plan", "layers", "neurons", "pools")):
+        return RateCodedSequential(model).eval()
+    raise UnsupportedPair(f"no rate-coded equivalent is known for the spiking network {type(model).__name__}")
+
+
+class _ThroughRateCodedANN:
+    """Mixin of the adaptive presets: optimise through the rate-coded ANN, select restarts on the SNN itself."""
+
+    adaptive_for = ("gascnn",)
+    tiny_defense = "gascnn"
+
+    def _surrogate_and_judge(self, observation: Observation) -> tuple[nn.Module, nn.Module]:
+        snn = self._model(observation)
+        return rate_coded_ann(snn), snn
 
 
 # -- mi-face through ART -------------------------------------------------------------------------------------------
@@ -470,8 +551,12 @@ class GMI(ModelInversion):
     stochastic = True
     tiny_params = {"gan_steps": 20, "gan_batch": 16, "width": 8, "latent": 16, "steps": 20, "restarts": 2}
 
-    def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
+    def _surrogate_and_judge(self, observation: Observation) -> tuple[nn.Module, nn.Module]:
         model = self._model(observation)
+        return model, model
+
+    def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
+        model, judge = self._surrogate_and_judge(observation)
         (_, _, _), k = _shape(observation)
         p = self.params
         gen, disc, gan_info = train_gan(observation.auxiliary, p)
@@ -487,18 +572,18 @@ class GMI(ModelInversion):
         steps = self._steps(p.steps, len(z), budget)
         opt = torch.optim.Adam([z], lr=p.lr)
 
-        def objective(images: torch.Tensor) -> torch.Tensor:
-            return F.softplus(-disc(images)) + p.id_weight * F.cross_entropy(model(images), labels, reduction="none")
+        def objective(images: torch.Tensor, net: nn.Module) -> torch.Tensor:
+            return F.softplus(-disc(images)) + p.id_weight * F.cross_entropy(net(images), labels, reduction="none")
 
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
-            objective(gen(z)).sum().backward()
+            objective(gen(z), model).sum().backward()
             opt.step()
             if progress and (step % 20 == 0 or step == steps - 1):
                 progress(step + 1, steps)
         with torch.no_grad():
             images = gen(z)
-            final = objective(images)
+            final = objective(images, judge)
         best = _best_per_class(final, labels, k)
         return AttackOutput(
             images=images[best].clamp(0, 1).clone(), labels=torch.arange(k), grad_evals=steps * len(z),
@@ -506,6 +591,24 @@ class GMI(ModelInversion):
                   "final_objective": [float(final[i]) for i in best],
                   "selection": "per class, the latent code with the lowest final objective (realism + id loss)"},
         )
+
+
+@registry.attacks.register("mi-face-snn")
+class MIFaceSNN(_ThroughRateCodedANN, MIFace):
+    """mi-face through the released SNN's rate-coded ANN (adaptive for gascnn)."""
+
+    description = ("mi-face adapted to spiking networks: gradients of the SNN run as its rate-coded ANN (clipped "
+                   "ReLUs at the firing thresholds), restarts chosen on the SNN itself.")
+    tiny_params = {"steps": 10, "restarts": 4, "blank": 0.5}
+
+
+@registry.attacks.register("gmi-snn")
+class GMISNN(_ThroughRateCodedANN, GMI):
+    """gmi through the released SNN's rate-coded ANN (adaptive for gascnn)."""
+
+    description = ("gmi adapted to spiking networks: latent optimisation through the SNN run as its rate-coded ANN, "
+                   "codes chosen on the SNN itself.")
+    tiny_params = {**GMI.tiny_params, "steps": 10}
 
 
 # -- prediction-vector decoder (black box) -------------------------------------------------------------------------
