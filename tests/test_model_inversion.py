@@ -204,3 +204,25 @@ def test_runs_are_stored_with_the_family_metrics_or_as_unsupported(store):
     assert queried.status == "ok", queried.error
     assert queried.info["images_queried"] == queried.grad_evals and "victim_psnr" in queried.metrics
     assert len(queried.info["victim_ids"]) == 4
+
+
+def test_the_adaptive_snn_presets_refuse_a_network_that_does_not_spike(shape_task):
+    target, _, auxiliary = shape_task
+    for cls in (mi.MIFaceSNN, mi.GMISNN):
+        with pytest.raises(UnsupportedPair, match="not a spiking network"):
+            cls(cls.Params(), seed=0).run(Observation(surface=Surface.MODEL_WHITEBOX, model=target,
+                                                      auxiliary=auxiliary), Budget())
+
+
+def test_the_rate_coded_ann_computes_what_the_released_snn_computes():
+    pytest.importorskip("snntorch")
+    from privbench import testing
+
+    _, _, target, _ = testing.fit_tiny(registry.defenses.entry("gascnn"))
+    snn = target.model.eval()
+    ann = mi.rate_coded_ann(snn)
+    images = testing.tiny_problem().parts.nonmembers.images
+    with torch.no_grad():
+        a, b = ann(images), snn(images)
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.8
+    assert float((a.argmax(1) == b.argmax(1)).float().mean()) >= 0.75
