@@ -226,3 +226,18 @@ def test_the_rate_coded_ann_computes_what_the_released_snn_computes():
         a, b = ann(images), snn(images)
     assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.8
     assert float((a.argmax(1) == b.argmax(1)).float().mean()) >= 0.75
+
+
+def test_the_leaderboard_shows_the_model_inversion_family(store):
+    from privbench import leaderboard
+    from privbench.views.rows import select
+
+    base = dict(image_size=SIZE, model="lenet", defense_params={"epochs": 1})
+    for seed in (0, 1):
+        assert run(RunConfig(**base, seed=seed, attack="mi-face", attack_params={"steps": 5, "restarts": 1}),
+                   store).status == "ok"
+    board = {b["family"]: b for b in leaderboard.build(select(store))["families"]}["model_inversion"]
+    entry = board["lines"][0]["attacks"][0]
+    assert board["title"] == "Model inversion" and entry["attack"] == "mi-face"
+    assert entry["success"]["n"] == 2 and entry["beats_baseline"] in (True, False)
+    assert {"attack_accuracy", "baseline_attack_accuracy", "chance_level"} <= set(entry["metrics"])
