@@ -117,6 +117,7 @@ class MIFaceParams:
     l2_weight: float = bounded(0.0, ge=0, le=1e4)  # L2 prior (mean squared pixel)
     restarts: int = bounded(2, ge=1, le=1000)  # the first from the blank image, the others from seeded uniform noise
     blank: float = bounded(0.0, ge=0, le=1)  # the blank image's value
+    start: Literal["blank", "noise"] = "blank"  # blank: the first start is the blank image; noise: every start is noise
     loss: Literal["one_minus_prob", "cross_entropy"] = "one_minus_prob"  # the class score's cost (paper: 1 - p)
 
     def __post_init__(self) -> None:
@@ -161,8 +162,9 @@ class MIFace(ModelInversion):
         labels = torch.arange(k).repeat(restarts)
         gen = torch.Generator().manual_seed(self.seed)
         x = torch.full((k * restarts, c, h, w), p.blank)
-        if restarts > 1:
-            x[k:] = torch.rand((k * (restarts - 1), c, h, w), generator=gen)
+        first = k if p.start == "blank" else 0  # the images from seeded uniform noise
+        if restarts * k > first:
+            x[first:] = torch.rand((k * restarts - first, c, h, w), generator=gen)
         steps = self._steps(p.steps, len(x), budget)
         x.requires_grad_(True)
         opt = torch.optim.Adam([x], lr=p.lr)
@@ -599,7 +601,7 @@ class MIFaceSNN(_ThroughRateCodedANN, MIFace):
 
     description = ("mi-face adapted to spiking networks: gradients of the SNN run as its rate-coded ANN (clipped "
                    "ReLUs at the firing thresholds), restarts chosen on the SNN itself.")
-    tiny_params = {"steps": 10, "restarts": 4, "blank": 0.5}
+    tiny_params = {"steps": 10, "restarts": 2, "start": "noise"}
 
 
 @registry.attacks.register("gmi-snn")
