@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from privbench.config import ConfigError, RunConfig, derive_seed
-from privbench.threat import MembershipTruth, Observation, Surface, Victim
+from privbench.threat import AttackError, InversionTruth, MembershipTruth, Observation, Surface, Victim
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from privbench.attacks.base import Attack
     from privbench.datasets import ImageDataset
     from privbench.datasets.splits import Splits
     from privbench.defenses.base import Defense, FitContext, Target
@@ -129,3 +130,71 @@ def membership_observation(defense: "Defense", surface: Surface, target: "Target
         shadow_trainer=ShadowTrainer(defense, architecture, public_settings(ctx.config), parts.auxiliary),
     )
     return observation, MembershipTruth(is_member=order < n)
+
+
+@dataclass
+class CountedQuery:
+    """The released model's query interface with a count of the images queried (a query budget is counted in
+    images, like gradient evaluations): ``query(images [B, C, H, W]) -> logits [B, K]``, ``images_queried``."""
+
+    query: "Any"  # the defense's query function
+    images_queried: int = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.images_queried += int(images.shape[0])
+        return self.query(images)
+
+
+def inversion_victims(members: "ImageDataset", seed: int) -> Victim:
+    """One member of each class, drawn by ``seed``: whose prediction vectors an instance-level (query) inversion
+    attacker holds. Classes without members are left out."""
+    rng = np.random.default_rng(seed)
+    labels = members.labels.numpy()
+    idx = [int(rng.choice(np.flatnonzero(labels == k))) for k in range(members.num_classes) if (labels == k).any()]
+    chosen = members.subset(idx)
+    return Victim(images=chosen.images, labels=chosen.labels, ids=chosen.ids)
+
+
+def inversion_observation(defense: "Defense", surface: Surface, target: "Target", parts: "Splits",
+                          ctx: "FitContext") -> tuple[Observation, InversionTruth]:
+    """A model-inversion attacker's observation, and the truth kept apart for scoring.
+
+    The attacker gets the defense's release on ``surface`` (MODEL_WHITEBOX: the released model in eval mode,
+    with its BatchNorm statistics if it has any; MODEL_QUERIES: a counted query function, plus the released
+    model's outputs on one victim member per class, their images withheld), the auxiliary split (public
+    data of the same kind, disjoint from the members) and the public shape of the task. It never gets a
+    member image: the members, nonmembers and victims go to the returned ``InversionTruth`` only, and
+    nothing is read from the members here except, on MODEL_QUERIES, the victims' images to query the model.
+    """
+    if surface not in (Surface.MODEL_WHITEBOX, Surface.MODEL_QUERIES):
+        raise AttackError(f"model inversion attacks the released model (model_whitebox or model_queries), "
+                          f"not {surface.value}")
+    release = defense.observe(surface, target, None, ctx)
+    auxiliary = parts.auxiliary
+    notes: dict[str, Any] = {**release.notes, "num_classes": auxiliary.num_classes,
+                             "image_shape": list(auxiliary.image_shape), "n_auxiliary": len(auxiliary)}
+    if release.model is not None:
+        notes["released_model"] = type(release.model).__name__
+    victims, outputs, query = None, None, release.query
+    if surface is Surface.MODEL_QUERIES:
+        victims = inversion_victims(parts.members, ctx.seeds["victim"])
+        with torch.no_grad():
+            outputs = release.query(victims.images.clone()).detach().clone()
+        query = CountedQuery(release.query)
+        notes["victims"] = len(victims.labels)
+    observation = dataclasses.replace(release, query=query, auxiliary=auxiliary, victim_outputs=outputs, notes=notes)
+    truth = InversionTruth(members=parts.members, nonmembers=parts.nonmembers, victims=victims,
+                           identity=dict(ctx.data_identity))
+    return observation, truth
+
+
+def for_attack(attack: "Attack", defense: "Defense", target: "Target", parts: "Splits", ctx: "FitContext"
+               ) -> "tuple[Observation, Victim | MembershipTruth | InversionTruth]":
+    """The observation ``attack`` gets (by its surface and family) and the truth kept apart for its scorer."""
+    surface = attack.surface
+    if surface in (Surface.GRADIENTS, Surface.SHARED_DATA):
+        truth = choose_victim(parts.members, ctx.config.victim_batch, ctx.seeds["victim"])
+        return client_observation(defense, surface, target, truth, parts.auxiliary, ctx), truth
+    if attack.family == "model_inversion":
+        return inversion_observation(defense, surface, target, parts, ctx)
+    return membership_observation(defense, surface, target, parts, ctx)

@@ -319,6 +319,13 @@ attacks: Registry = Registry(
         "mple-known-plaintext": "privbench.attacks.mple",
         "dlg-mple": "privbench.attacks.mple",
         "invgrad-mple": "privbench.attacks.mple",
+        "mi-face": "privbench.attacks.model_inversion",
+        "mi-face-art": "privbench.attacks.model_inversion",
+        "deepinversion": "privbench.attacks.model_inversion",
+        "gmi": "privbench.attacks.model_inversion",
+        "pred-decoder": "privbench.attacks.model_inversion",
+        "mi-face-snn": "privbench.attacks.model_inversion",
+        "gmi-snn": "privbench.attacks.model_inversion",
     },
 )
 datasets: Registry = Registry(
@@ -349,6 +356,7 @@ metrics: Registry = Registry(
         "label_accuracy": "privbench.metrics.image",
         "reconstruction": "privbench.metrics.score_reconstruction",
         "membership": "privbench.metrics.score_membership",
+        "model_inversion": "privbench.metrics.score_inversion",
     },
 )
 

@@ -31,7 +31,7 @@ from privbench import datasets as datasetlib
 from privbench.config import RunConfig
 from privbench.provenance import configure_threads, git_commit, plugin_versions, resolve_threads, versions
 from privbench.store import RunResult, Store
-from privbench.threat import AttackError, AttackSetting, MembershipTruth, Observation, Surface, Victim
+from privbench.threat import AttackError, AttackSetting, InversionTruth, MembershipTruth, Observation, Victim
 
 if TYPE_CHECKING:
     from privbench.attacks.base import Attack
@@ -115,13 +115,13 @@ def new_result(config: RunConfig, resolved: RunConfig, options: RunOptions) -> R
 @dataclass
 class Prepared:
     """A run up to the attack: the attack and its family's scorer, the fitted targets, the observation, the
-    truth kept for scoring (``Victim`` or ``MembershipTruth``), the auxiliary split and the row info."""
+    truth kept for scoring (``Victim``, ``MembershipTruth`` or ``InversionTruth``), the auxiliary split and the row info."""
 
     attack: "Attack"
     scorer: "FamilyScorer"
     fitted: "FittedTargets"
     observation: Observation
-    truth: "Victim | MembershipTruth"
+    truth: "Victim | MembershipTruth | InversionTruth"
     auxiliary: "ImageDataset"
     info: dict[str, Any]
 
@@ -151,12 +151,11 @@ def prepare(cfg: RunConfig, options: RunOptions, staging: Path, data_fingerprint
     if fitted.twin is not None:
         info["twin"] = fitted.twin_info
     stages.begin(progress, "observation")
-    if attack.surface in (Surface.GRADIENTS, Surface.SHARED_DATA):
-        truth = observe.choose_victim(parts.members, cfg.victim_batch, ctx.seeds["victim"])
+    observation, truth = observe.for_attack(attack, defense, fitted.target, parts, ctx)
+    if isinstance(truth, Victim):
         info["victim_ids"] = list(truth.ids)
-        observation = observe.client_observation(defense, attack.surface, fitted.target, truth, parts.auxiliary, ctx)
-    else:
-        observation, truth = observe.membership_observation(defense, attack.surface, fitted.target, parts, ctx)
+    elif isinstance(truth, InversionTruth) and truth.victims is not None:
+        info["victim_ids"] = list(truth.victims.ids)
     info["observation"] = {"surface": observation.surface.value, **observation.notes}
     stages.end(progress, "observation")
     return Prepared(attack, scorer, fitted, observation, truth, parts.auxiliary, info)
@@ -177,9 +176,15 @@ def execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pat
     result.costs["attack_time_s"] = time.perf_counter() - t0
     result.grad_evals = output.grad_evals
     result.info.update(attack=output.info, family=attack.family)
+    queried = getattr(prepared.observation.query, "images_queried", None)
+    if queried is not None:
+        result.info["images_queried"] = queried
 
     stages.begin(progress, "scoring")  # ends when the run returns
-    context = ScoreContext(prepared.auxiliary, result.costs, staging, attack.surface, options.allow_download)
+    from privbench.run_setup import cache_dir
+
+    context = ScoreContext(prepared.auxiliary, result.costs, staging, attack.surface, options.allow_download,
+                           cache_dir=cache_dir(options))
     scores = prepared.scorer.score(output, prepared.truth, context)
     result.metrics.update(scores.metrics)
     result.info.update(scores.info)

@@ -99,13 +99,14 @@ class Spec:
     arg: str | None = None
     root: Path | str | None = None
     setup: Callable[[Path], tuple[str | None, Path | str | None]] | None = None
+    model: str | None = None  # a defense: the model it fits on the tiny problem (default: its default_model)
 
     def __str__(self) -> str:
         return f"{self.kind[:-1]} {self.name!r} ({self.origin})"
 
     @property
     def key(self) -> tuple:
-        return (self.obj, self.kind, _canonical_json(dict(self.params)), self.arg, str(self.root))
+        return (self.obj, self.kind, _canonical_json(dict(self.params)), self.arg, str(self.root), self.model)
 
 
 def spec(component: Any, *, params: Mapping[str, Any] | None = None, name: str | None = None,
@@ -456,7 +457,7 @@ def _defense_context(s: Spec, seed: int, parts: "Splits") -> tuple["Defense", "F
 
     problem = tiny_problem()
     params = _params(s)
-    model = s.obj.default_model
+    model = s.model or s.obj.default_model
     model_cls = registry.models.get(model)
     model_params = coerce_params(model_cls.Params, dict(getattr(model_cls, "tiny_params", {}) or {}), f"model {model!r}")
     config = RunConfig(defense=s.name, model=model, image_size=IMAGE_SIZE, channels=CHANNELS, seed=seed,
@@ -508,10 +509,11 @@ def fit_tiny(component: Any, *, params: Mapping[str, Any] | None = None
 
 
 def _observe(fit: _Fit, surface: Any, gradient_round: str = "init", observe_seed: int | None = None,
-             victim: "Victim | None" = None, parts: "Splits | None" = None
+             victim: "Victim | None" = None, parts: "Splits | None" = None, family: str | None = None
              ) -> "tuple[Observation | None, Any, str | None]":
     """(observation, the truth kept apart, None) for ``surface``, or (None, None, why) if the defense raises
-    AttackError (it exposes no such surface). ``parts`` and ``victim`` default to fresh copies."""
+    AttackError (it exposes no such surface). ``parts`` and ``victim`` default to fresh copies. On a released-model
+    surface, ``family`` ``model_inversion`` gives a model-inversion attacker's observation, else a membership one."""
     from privbench import observe
     from privbench.threat import AttackError, Surface
 
@@ -527,7 +529,10 @@ def _observe(fit: _Fit, surface: Any, gradient_round: str = "init", observe_seed
             if surface in (Surface.GRADIENTS, Surface.SHARED_DATA):
                 truth = victim or TinyProblem.defense_victim(parts)
                 return observe.client_observation(fit.defense, surface, target, truth, parts.auxiliary, ctx), truth, None
-            observation, truth = observe.membership_observation(fit.defense, surface, target, parts, ctx)
+            if family == "model_inversion":
+                observation, truth = observe.inversion_observation(fit.defense, surface, target, parts, ctx)
+            else:
+                observation, truth = observe.membership_observation(fit.defense, surface, target, parts, ctx)
             return observation, truth, None
         except AttackError as exc:
             return None, None, str(exc)
@@ -743,6 +748,14 @@ def check_defense_observations_leak_nothing(s: Spec) -> None:
                     forbidden.objects[f"secret {name}"] = secret
             leaks = find_leaks(observation, forbidden)
             found += [f"{surface.value} (round={gradient_round}): {leak}" for leak in leaks[:5]]
+            if not client:  # a model-inversion attacker: no member image at all, nor a member id
+                inversion, _, _ = _observe(fit, surface, gradient_round, family="model_inversion")
+                members = Forbidden(tensors={f"member image {i}": image
+                                             for i, image in enumerate(problem.parts.members.images)},
+                                    strings=dict(forbidden.strings), objects=dict(forbidden.objects))
+                if inversion is not None:
+                    found += [f"{surface.value} (model inversion): {leak}"
+                              for leak in find_leaks(inversion, members)[:5]]
     _require(not found, "the attacker can reach what it must not: " + "; ".join(found))
 
 
@@ -894,7 +907,9 @@ def _host(s: Spec) -> Spec:
     from privbench import registry
 
     host = getattr(s.obj, "tiny_defense", "none")
-    return spec(registry.defenses.entry(host) if isinstance(host, str) else host)
+    host_spec = spec(registry.defenses.entry(host) if isinstance(host, str) else host)
+    model = getattr(s.obj, "tiny_model", None)  # the model the host fits, where the attack needs one (BatchNorm)
+    return dataclasses.replace(host_spec, model=model) if model else host_spec
 
 
 def _attack_observation(s: Spec) -> tuple[Any, Any]:
@@ -908,7 +923,7 @@ def _attack_observation(s: Spec) -> tuple[Any, Any]:
         victim = observe.choose_victim(parts.members, 1, fit.ctx.seeds["victim"])
         observation, truth, why = _observe(fit, s.obj.surface, victim=victim, parts=parts)
     else:
-        observation, truth, why = _observe(fit, s.obj.surface)
+        observation, truth, why = _observe(fit, s.obj.surface, family=s.obj.family)
     if observation is None:
         raise _Failure(f"its tiny_defense {_host(s)} exposes no {s.obj.surface.value} surface ({why}); set "
                        f"tiny_defense to a defense that does")
@@ -1002,7 +1017,7 @@ def check_attack_metadata(s: Spec) -> None:
     _require(isinstance(description, str) and description.strip(), "no description (class attribute or docstring)")
     _require(isinstance(getattr(cls, "surface", None), Surface), f"surface must be a Surface, got {getattr(cls, 'surface', None)!r}")
     family = getattr(cls, "family", None)
-    _require(family in ("reconstruction", "class_inversion", "membership"), f"unknown family {family!r}")
+    _require(family in ("reconstruction", "model_inversion", "membership"), f"unknown family {family!r}")
     _require(family in registry.metrics, f"no scorer is registered for the family {family!r}")
     _require(isinstance(cls.stochastic, bool), f"stochastic must be a bool, got {cls.stochastic!r}")
     _require(isinstance(getattr(cls, "tiny_params", {}), Mapping), "tiny_params must be a dict")
@@ -1029,7 +1044,7 @@ def check_attack_output_schema(s: Spec) -> None:
     _require(isinstance(output, AttackOutput), f"run returned {type(output).__name__}, not AttackOutput")
     _require(isinstance(output.grad_evals, int) and output.grad_evals >= 0, f"grad_evals is {output.grad_evals!r}")
     family = s.obj.family
-    if family in ("reconstruction", "class_inversion"):
+    if family in ("reconstruction", "model_inversion"):
         images, labels = output.images, output.labels
         _require(isinstance(images, torch.Tensor) and images.is_floating_point(), "images must be a float tensor")
         if family == "reconstruction":

@@ -139,6 +139,9 @@ class Observation:
     candidates: "ImageDataset | None" = None  # images and class labels whose membership is asked, not revealed
     shadow_trainer: "Callable[[ImageDataset, int], nn.Module] | None" = None  # the target's training pipeline
     build_model: "Callable[[int], nn.Module] | None" = None  # the public architecture, initialised from a seed
+    # model inversion from queries: the released model's outputs (logits [B, K]) on the victims' images, which stay
+    # withheld (an instance-level attacker holds a victim's prediction vector, not its image)
+    victim_outputs: "torch.Tensor | None" = None
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -160,6 +163,23 @@ class MembershipTruth:
     one per candidate in the observation's order."""
 
     is_member: "np.ndarray"
+
+
+@dataclass(frozen=True)
+class InversionTruth:
+    """The ground truth behind a model-inversion observation, held by the runner for scoring alone.
+
+    ``members``: the target's training set (what a class-level inversion should resemble; the scorer's
+    evaluation classifier trains on it); ``nonmembers``: held-out images of the same classes (a leak is an
+    inversion closer to members than to these); ``victims``: the members whose prediction vectors an
+    instance-level observation carries (MODEL_QUERIES), else None. Nothing is read from ``members`` or
+    ``nonmembers`` until the scorer does. ``identity``: what names these splits (for the scorer's caches).
+    """
+
+    members: "ImageDataset"
+    nonmembers: "ImageDataset"
+    victims: Victim | None = None
+    identity: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

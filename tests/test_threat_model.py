@@ -112,6 +112,24 @@ def test_no_observation_reaches_victim_data_members_or_secrets(parts, fitted, ca
     assert find_leaks(observation, forbidden) == []
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("surface", [Surface.MODEL_WHITEBOX, Surface.MODEL_QUERIES])
+def test_no_model_inversion_observation_reaches_a_member(parts, fitted, case, surface):
+    """A model-inversion attacker holds the released model (or its queries) and the auxiliary split: no member image
+    (alone or in a batch) and no member id, though the truth it is scored against holds them all."""
+    defense, ctx, target = fitted[case]
+    observation, truth = observe.inversion_observation(defense, surface, target, parts, ctx)
+    assert truth.members is parts.members and truth.nonmembers is parts.nonmembers
+    forbidden = Forbidden(tensors={f"member image {i}": image for i, image in enumerate(parts.members.images)},
+                          strings={f"member id {m}": m for m in parts.members.ids})
+    assert find_leaks(observation, forbidden) == []
+    assert observation.auxiliary is parts.auxiliary
+    if surface is Surface.MODEL_QUERIES:  # the victims' outputs, never their images
+        assert observation.victim_outputs.shape == (len(truth.victims.labels), parts.members.num_classes)
+    else:
+        assert observation.model is not None and not observation.model.training
+
+
 def test_the_walk_finds_a_deliberately_leaky_observation(parts):
     victim = _victim(parts)
     image = victim.images[2].clone()

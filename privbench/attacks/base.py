@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from privbench.config import Budget
 
-Family = Literal["reconstruction", "class_inversion", "membership"]
+Family = Literal["reconstruction", "model_inversion", "membership"]
 Progress = Callable[[int, int], None]  # (done, total) in the attack's own units
 __all__ = ["Attack", "AttackError", "AttackOutput", "Family", "Progress", "UnsupportedPair", "substage"]
 
@@ -42,6 +42,8 @@ class AttackOutput:
     """What an attack produces.
 
     reconstruction: ``images`` float [B, C, H, W] in [0, 1] and ``labels`` int64 [B].
+    model_inversion: ``images`` float [N, C, H, W] in [0, 1], one or more per class inverted, and ``labels`` int64 [N],
+    the class each represents.
     membership: ``scores`` float [N] over the observation's candidates (and optional ``decisions`` bool [N]).
     ``grad_evals``: gradient evaluations of the target model spent.
     ``info``: attacker-side diagnostics (e.g. the final gradient distance of each restart).
@@ -71,6 +73,7 @@ class Attack(ABC):
     # tiny target it attacks (one that exposes ``surface``; ``none`` passes every surface but SHARED_DATA through).
     tiny_params: ClassVar[dict[str, Any]] = {}
     tiny_defense: ClassVar[str | type] = "none"  # a registered name, or the defense class itself
+    tiny_model: ClassVar[str | None] = None  # the model that defense fits for the kit (None: its default model)
 
     def __init__(self, params: Any, seed: int):
         self.params = params

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 # The metrics a person reads first, per family, in order (each beside its baseline where one exists).
 HEADLINE: dict[str, tuple[str, ...]] = {
     "reconstruction": ("psnr", "ssim", "mse", "label_accuracy"),
+    "model_inversion": ("attack_accuracy", "chance_level", "baseline_random_auxiliary_attack_accuracy",
+                        "member_closer_fraction", "nearest_member_ssim", "eval_classifier_heldout_accuracy"),
     "membership": ("auc", "advantage", "balanced_accuracy", "tpr_at_0.01_fpr", "tpr_at_0.001_fpr",
                    "empirical_epsilon_lower_bound", "dp_audit_power"),
 }
@@ -47,7 +49,8 @@ class ScoreContext:
 
     ``auxiliary``: the attacker's population data (trivial baselines); ``costs``: the target's costs
     (epsilon for the DP audit); ``staging``: the run's artifact folder; ``surface``: where the
-    attack looked (a gradient attack's batch comes back in no particular order).
+    attack looked (a gradient attack's batch comes back in no particular order); ``cache_dir``: where a scorer
+    may cache what it trains (model inversion's evaluation classifier; None: ``<home>/cache``).
     """
 
     auxiliary: "ImageDataset"
@@ -55,6 +58,7 @@ class ScoreContext:
     staging: Path
     surface: "Surface"
     allow_download: bool = False
+    cache_dir: Path | None = None
 
 
 @dataclass
@@ -72,4 +76,4 @@ class FamilyScorer(ABC):
 
     @abstractmethod
     def score(self, output: "AttackOutput", truth: Any, context: ScoreContext) -> Scores:
-        """Metrics of ``output`` against ``truth`` (a ``Victim`` or a ``MembershipTruth``)."""
+        """Metrics of ``output`` against ``truth`` (a ``Victim``, ``MembershipTruth`` or ``InversionTruth``)."""
