@@ -105,6 +105,13 @@ class ModelInversion(Attack):
                                   f"{batch} images inverted together")
         return min(steps, budget.max_grad_evals // batch)
 
+    @staticmethod
+    def _restarts(restarts: int, classes: int, budget: Budget) -> int:
+        """Restarts per class that leave the budget at least one step on all of them (at least 1)."""
+        if budget.max_grad_evals is not None and budget.max_grad_evals < classes * restarts:
+            return max(1, budget.max_grad_evals // classes)
+        return restarts
+
 
 # -- mi-face -------------------------------------------------------------------------------------------------------
 
@@ -156,9 +163,7 @@ class MIFace(ModelInversion):
         model, judge = self._surrogate_and_judge(observation)
         (c, h, w), k = _shape(observation)
         p = self.params
-        restarts = p.restarts
-        if budget.max_grad_evals is not None and budget.max_grad_evals < k * restarts:
-            restarts = max(1, budget.max_grad_evals // k)
+        restarts = self._restarts(p.restarts, k, budget)
         labels = torch.arange(k).repeat(restarts)
         gen = torch.Generator().manual_seed(self.seed)
         x = torch.full((k * restarts, c, h, w), p.blank)
@@ -565,9 +570,7 @@ class GMI(ModelInversion):
         for net in (gen, disc):
             for q in net.parameters():
                 q.requires_grad_(False)
-        restarts = p.restarts
-        if budget.max_grad_evals is not None and budget.max_grad_evals < k * restarts:
-            restarts = max(1, budget.max_grad_evals // k)
+        restarts = self._restarts(p.restarts, k, budget)
         labels = torch.arange(k).repeat(restarts)
         rng = torch.Generator().manual_seed(self.seed)
         z = torch.randn((len(labels), p.latent), generator=rng).requires_grad_(True)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +26,9 @@ from privbench import cache
 from privbench.datasets import ImageDataset
 from privbench.datasets.splits import SplitSpec
 from privbench.models.resnet import SmallResNet
+
+if TYPE_CHECKING:
+    from privbench.training import TrainParams
 
 FEATURE_DIM = 32
 
@@ -99,9 +104,45 @@ def _heldout_split(auxiliary: ImageDataset, spec: EvalClassifierSpec) -> tuple[I
     return auxiliary.subset(order[k:]), auxiliary.subset(order[:k])
 
 
+def load_or_train(fresh: Callable[[], EvalNet], train: ImageDataset, heldout: ImageDataset, params: "TrainParams",
+                  seed: int, files: tuple[Path, Path], about: dict) -> tuple[EvalNet, dict, bool]:
+    """An ``EvalNet`` from ``files`` (weights .pt, info .json), else ``fresh()`` trained on ``train`` and cached.
+
+    Returns the network in eval mode, its info (``about`` plus held-out and train accuracy and the train time
+    in s; on a hit the stored info) and whether it came from the cache. Weights that do not fit the network
+    are a miss. A cache that cannot be written is warned about, not fatal.
+    """
+    from privbench.training import accuracy, train_classifier
+
+    weights, meta = files
+    net = fresh()
+    state, info = cache.load_torch(weights), cache.load_json(meta)
+    if state is not None and info is not None:
+        try:
+            net.load_state_dict(state)
+            return net.eval(), info, True
+        except Exception as exc:  # weights that do not fit the network: a miss, retrained
+            log.warning("evaluation classifier cache %s does not fit the network (%s); retraining", weights, exc)
+            net = fresh()
+    start = time.perf_counter()
+    record = train_classifier(net, train, params, seed)
+    info = {
+        **about,
+        "heldout_accuracy": accuracy(net, heldout),
+        "train_accuracy": record["train_accuracy"],
+        "train_time_s": time.perf_counter() - start,
+    }
+    try:  # the weights first: an entry counts only once its info is written too
+        cache.save_torch(weights, net.state_dict())
+        cache.save_json(meta, info)
+    except OSError as exc:
+        log.warning("could not write the evaluation classifier cache %s (%s); continuing without it", weights, exc)
+    return net.eval(), info, False
+
+
 def train_or_load(spec: EvalClassifierSpec, auxiliary: ImageDataset, cache_dir: Path) -> EvalClassifier:
     """The evaluation classifier for ``spec``, trained on ``auxiliary`` or loaded from ``cache_dir``."""
-    from privbench.training import TrainParams, accuracy, train_classifier
+    from privbench.training import TrainParams
 
     def fresh() -> EvalNet:
         with torch.random.fork_rng(devices=[]):
@@ -109,31 +150,13 @@ def train_or_load(spec: EvalClassifierSpec, auxiliary: ImageDataset, cache_dir: 
             return EvalNet(spec.channels, auxiliary.num_classes, spec.depth, spec.width, spec.feature_dim)
 
     train, heldout = _heldout_split(auxiliary, spec)
-    net = fresh()
-    weights, meta = spec.cache_files(cache_dir)
-    state, info = cache.load_torch(weights), cache.load_json(meta)
-    if state is not None and info is not None:
-        try:
-            net.load_state_dict(state)
-            return EvalClassifier(spec, net.eval(), heldout, info)
-        except Exception as exc:  # weights that do not fit the network: a miss, retrained
-            log.warning("evaluation classifier cache %s does not fit the network (%s); retraining", weights, exc)
-            net = fresh()
-    start = time.perf_counter()
-    record = train_classifier(net, train, TrainParams(epochs=spec.epochs, lr=spec.lr), spec.seed)
-    info = {
+    about = {
         "metric": spec.metric_name,
-        "heldout_accuracy": accuracy(net, heldout),
-        "train_accuracy": record["train_accuracy"],
         "n_train": len(train),
         "n_heldout": len(heldout),
         "trained_on": "auxiliary split (never the target's members)",
-        "train_time_s": time.perf_counter() - start,
         "spec": asdict(spec),
     }
-    try:  # the weights first: an entry counts only once its info is written too
-        cache.save_torch(weights, net.state_dict())
-        cache.save_json(meta, info)
-    except OSError as exc:
-        log.warning("could not write the evaluation classifier cache %s (%s); continuing without it", weights, exc)
-    return EvalClassifier(spec, net.eval(), heldout, info)
+    net, info, _ = load_or_train(fresh, train, heldout, TrainParams(epochs=spec.epochs, lr=spec.lr), spec.seed,
+                                 spec.cache_files(cache_dir), about)
+    return EvalClassifier(spec, net, heldout, info)

@@ -25,8 +25,6 @@ The artifact is ``inversion.png``: per class the inversion, its nearest member a
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +40,6 @@ if TYPE_CHECKING:
     from privbench.attacks.base import AttackOutput
     from privbench.datasets import ImageDataset
 
-log = logging.getLogger(__name__)
 FEATURE_DIM = 32
 BASELINE_SEED = 0
 
@@ -72,44 +69,24 @@ class InversionEvalSpec:
 def train_or_load(spec: InversionEvalSpec, members: "ImageDataset", nonmembers: "ImageDataset",
                   cache_dir: Path) -> tuple[Any, dict]:
     """The evaluation classifier (``metrics.eval_classifier.EvalNet``) trained on ``members``, or loaded."""
-    from privbench.metrics.eval_classifier import EvalNet
-    from privbench.training import TrainParams, accuracy, train_classifier
-
-    c = spec.image_shape[0]
+    from privbench.metrics.eval_classifier import EvalNet, load_or_train
+    from privbench.training import TrainParams
 
     def fresh() -> EvalNet:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            return EvalNet(c, spec.num_classes, spec.depth, spec.width, spec.feature_dim)
+            return EvalNet(spec.image_shape[0], spec.num_classes, spec.depth, spec.width, spec.feature_dim)
 
-    net = fresh()
-    weights, meta = Path(cache_dir) / f"inv-eval-{spec.key()}.pt", Path(cache_dir) / f"inv-eval-{spec.key()}.json"
-    state, info = cache.load_torch(weights), cache.load_json(meta)
-    if state is not None and info is not None:
-        try:
-            net.load_state_dict(state)
-            return net.eval(), {**info, "cached": True}
-        except Exception as exc:
-            log.warning("evaluation classifier cache %s does not fit the network (%s); retraining", weights, exc)
-            net = fresh()
-    start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        record = train_classifier(net, members, TrainParams(epochs=spec.epochs, lr=spec.lr), spec.seed)
-    info = {
+    about = {
         "architecture": spec.architecture,
         "trained_on": f"the target's members ({len(members)} images)",
         "heldout": f"the nonmembers ({len(nonmembers)} images)",
-        "heldout_accuracy": accuracy(net, nonmembers),
-        "train_accuracy": record["train_accuracy"],
-        "train_time_s": time.perf_counter() - start,
         "spec": asdict(spec),
     }
-    try:
-        cache.save_torch(weights, net.state_dict())
-        cache.save_json(meta, info)
-    except OSError as exc:
-        log.warning("could not write the evaluation classifier cache %s (%s); continuing without it", weights, exc)
-    return net.eval(), info
+    files = Path(cache_dir) / f"inv-eval-{spec.key()}.pt", Path(cache_dir) / f"inv-eval-{spec.key()}.json"
+    net, info, cached = load_or_train(fresh, members, nonmembers, TrainParams(epochs=spec.epochs, lr=spec.lr),
+                                      spec.seed, files, about)
+    return net, {**info, "cached": True} if cached else info
 
 
 @torch.no_grad()
