@@ -87,3 +87,19 @@ class Attack(ABC):
     @abstractmethod
     def run(self, observation: Observation, budget: "Budget", progress: Progress | None = None) -> AttackOutput:
         """Attack what ``observation`` holds, within ``budget``."""
+
+    @classmethod
+    def run_cell(cls, attacks: "list[Attack]", observations: list[Observation], budget: "Budget",
+                 progress: Progress | None = None) -> "list[AttackOutput | Exception]":
+        """Attack V victims of one target: ``attacks[v]`` (same parameters, each victim's own seed) on
+        ``observations[v]``. Returns one output per victim, or the exception that victim's attack raised (one
+        victim's failure never stops the others). This default runs them one after another; an attack
+        family that can batch victims (gradient inversion) overrides it."""
+        outputs: list[AttackOutput | Exception] = []
+        for i, (attack, observation) in enumerate(zip(attacks, observations, strict=True)):
+            part = substage(progress, f"victim {i + 1}/{len(attacks)}", i, len(attacks))
+            try:
+                outputs.append(attack.run(observation, budget, part))
+            except Exception as exc:  # noqa: BLE001 - stored as that victim's failed / unsupported row
+                outputs.append(exc)
+        return outputs

@@ -136,13 +136,23 @@ def dummy_update(model: torch.nn.Module, params: list[torch.Tensor], inputs: tor
     the objective keeps the magnitude of a plain gradient match (an update divided by E = 64 would
     otherwise make an L2 objective E^2 times smaller, below the optimiser's tolerances).
     """
+
+    def loss_grads(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(label_loss(model(x), labels), params, create_graph=create_graph)
+
+    return form_update(loss_grads, inputs, labels_or_logits, rule)
+
+
+def form_update(loss_grads, inputs: torch.Tensor, labels_or_logits: torch.Tensor,
+                rule: UpdateRule) -> tuple[torch.Tensor, ...]:
+    """The update ``rule`` forms from ``loss_grads(inputs, labels) -> d(label_loss)/d(params)`` (one tensor per
+    parameter): the batch's mean gradient, or with ``rule.clip_norm`` the mean of the per-example clipped
+    gradients. The one definition both the sequential attack (autograd) and the batched cell (torch.func) use."""
     if rule.clip_norm is None:
-        loss = label_loss(model(inputs), labels_or_logits)
-        return torch.autograd.grad(loss, params, create_graph=create_graph)
+        return tuple(loss_grads(inputs, labels_or_logits))
     total = None
     for i in range(len(inputs)):
-        loss = label_loss(model(inputs[i : i + 1]), labels_or_logits[i : i + 1])
-        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        grads = loss_grads(inputs[i : i + 1], labels_or_logits[i : i + 1])
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         factor = (rule.clip_norm / (norm + 1e-6)).clamp(max=1.0)
         scaled = [g * factor for g in grads]
@@ -177,6 +187,27 @@ def analytic_label(update: GradientUpdate) -> torch.Tensor:
     raise AttackError("no final linear layer with one row per class found for the analytic label rule")
 
 
+def label_rule(params: GradientInversionParams, update: GradientUpdate) -> tuple[str, torch.Tensor | None]:
+    """The label rule a run uses (``auto`` resolved by the batch size) and its fixed labels int64 [B], or None
+    for joint soft labels."""
+    rule = params.label if params.label != "auto" else ("analytic" if update.batch_size == 1 else "joint")
+    return rule, (analytic_label(update) if rule == "analytic" else None)
+
+
+def restart_budget(budget: Budget, restarts: int) -> int | None:
+    """Gradient evaluations each restart may spend (None: the attack's own schedule)."""
+    return None if budget.max_grad_evals is None else max(1, budget.max_grad_evals // restarts)
+
+
+def lr_milestones(steps: int) -> list[int]:
+    """The steps after which ``lr_drops`` multiplies the learning rate by 0.1 (3/8, 5/8 and 7/8 of ``steps``)."""
+    return [int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+
+
+class AttackDiverged(RuntimeError):
+    """Every restart of a gradient-inversion run ended at non-finite inputs: the row is failed, not scored."""
+
+
 class GradientInversion(Attack):
     Params = GradientInversionParams
     surface = Surface.GRADIENTS
@@ -197,21 +228,44 @@ class GradientInversion(Attack):
                 f"{self.registry_name} models a single gradient and does not model multi-step updates "
                 f"(use local_steps=1)"
             )
-        rule = p.label if p.label != "auto" else ("analytic" if update.batch_size == 1 else "joint")
-        fixed_labels = analytic_label(update) if rule == "analytic" else None
-        per_restart = None if budget.max_grad_evals is None else max(1, budget.max_grad_evals // p.restarts)
+        rule, fixed_labels = label_rule(p, update)
+        per_restart = restart_budget(budget, p.restarts)
         generator = torch.Generator().manual_seed(self.seed)
         runs = []
-        total_evals = 0
         for restart in range(p.restarts):
             part = substage(progress, f"restart {restart + 1}/{p.restarts}", restart * p.steps, p.restarts * p.steps)
             images, label_logits, evals = self._invert(update, fixed_labels, generator, per_restart, part)
-            total_evals += evals
-            labels = fixed_labels if fixed_labels is not None else label_logits.argmax(1)
-            distance = self._final_distance(update, images, labels if label_logits is None else label_logits)
-            runs.append((distance, images, labels, evals))
+            runs.append(self._restart_result(update, fixed_labels, images, label_logits, evals))
+        return self._output(observation, update, runs, rule)
+
+    @classmethod
+    def run_cell(cls, attacks: list[Attack], observations: list[Observation], budget: Budget,
+                 progress: Progress | None = None) -> list[AttackOutput | Exception]:
+        """V victims of one target as one batched problem (``privbench.attacks.batched``): each victim gets
+        what ``run`` gives it, up to rounding."""
+        from privbench.attacks import batched
+
+        return batched.run_cell(attacks, observations, budget, progress)
+
+    def _restart_result(self, update: GradientUpdate, fixed_labels: torch.Tensor | None, inputs: torch.Tensor,
+                        label_logits: torch.Tensor | None, evals: int) -> tuple:
+        """(score, inputs, labels, evals, finite) of one restart: its final inputs [B, ...] scored by the
+        attacker's restart score; ``finite`` whether the inputs are all finite."""
+        labels = fixed_labels if fixed_labels is not None else label_logits.argmax(1)
+        distance = self._final_distance(update, inputs, labels if label_logits is None else label_logits)
+        return distance, inputs, labels, evals, bool(torch.isfinite(inputs).all())
+
+    def _output(self, observation: Observation, update: GradientUpdate, runs: list[tuple], rule: str) -> AttackOutput:
+        """The run's output from its restarts (``_restart_result`` tuples): the restart with the lowest score.
+
+        Raises AttackDiverged when the chosen restart's inputs are non-finite (every restart diverged, or the
+        score could not tell): the row is failed rather than scored on a stand-in image."""
+        total_evals = sum(r[3] for r in runs)
         best = min(range(len(runs)), key=lambda i: runs[i][0])
-        distance, inputs, labels, _ = runs[best]
+        distance, inputs, labels, _, finite = runs[best]
+        if not finite:
+            raise AttackDiverged(f"{self.registry_name} diverged: the chosen restart ({best + 1} of {len(runs)}) "
+                                 f"ended at non-finite inputs (restart scores {[r[0] for r in runs]})")
         images, info = self.to_images(inputs.detach(), update, observation)
         if not update.rule.is_plain_mean:
             info["update_rule"] = (f"dummy updates formed by the public rule: clip_norm={update.rule.clip_norm}, "
@@ -268,20 +322,29 @@ class GradientInversion(Attack):
             return torch.rand(shape, generator=generator)
         return torch.full(shape, 0.5)
 
+    def _draw_start(self, update: GradientUpdate, fixed_labels: torch.Tensor | None, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One restart's start from ``generator``: inputs [B, ...] and, for joint labels, label logits [B, K]
+        (drawn in this order, restart after restart)."""
+        x = self._init_images((update.batch_size, *update.input_shape), generator)
+        y = None
+        if fixed_labels is None:
+            y = torch.randn((update.batch_size, update.num_classes), generator=generator)
+        return x, y
+
     def _invert(self, update, fixed_labels, generator, max_evals, progress):
         p = self.params
         model = update.model
         params = [q for q in model.parameters() if q.requires_grad]
         target = mean_scale(update)
         distance_fn = self.gradient_distance
-        shape = (update.batch_size, *update.input_shape)
         image_input = update.morphed is None  # image priors (box, TV) only where the input is an image
         boxed, tv_weight = p.boxed and image_input, p.tv_weight if image_input else 0.0
-        x = self._init_images(shape, generator).requires_grad_(True)
-        y = None
+        x, y = self._draw_start(update, fixed_labels, generator)
+        x.requires_grad_(True)
         leaves = [x]
-        if fixed_labels is None:
-            y = torch.randn((update.batch_size, update.num_classes), generator=generator).requires_grad_(True)
+        if y is not None:
+            y.requires_grad_(True)
             leaves.append(y)
         evals = 0
         limit = max_evals if max_evals is not None else float("inf")
@@ -310,8 +373,7 @@ class GradientInversion(Attack):
             opt = torch.optim.Adam(leaves, lr=p.lr)
         scheduler = None
         if p.lr_drops:
-            milestones = [int(p.steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=lr_milestones(p.steps), gamma=0.1)
         previous = None
         try:
             for step in range(p.steps):
