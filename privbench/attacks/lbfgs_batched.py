@@ -225,53 +225,72 @@ def _problem(z: torch.Tensor, s: LBFGSSettings, after_step: Callable[[torch.Tens
 
 
 class _History:
-    """Every problem's L-BFGS history in ring buffers: s and y [P, H, n], rho [P, H], entries [P], H_diag [P]."""
+    """Every problem's L-BFGS history in ring buffers: s and y [P, H, n], rho [P, H], the Gram matrix
+    s_j . y_i [P, H, H], pairs accepted [P] and H_diag [P].
+
+    The two-loop recursion is evaluated in its compact form: with the Gram matrix, each loop is a triangular
+    solve over the (at most H) coefficients, and the vectors enter through four batched products, so a round
+    of directions costs a fixed number of vectorised operations whatever the history's length. The result is
+    the two-loop's, up to rounding (the sums are formed in another order).
+    """
 
     def __init__(self, problems: int, n: int, size: int, dtype: torch.dtype):
         self.size = size
         self.s = torch.zeros(problems, size, n, dtype=dtype)
         self.y = torch.zeros(problems, size, n, dtype=dtype)
+        self.sy = torch.zeros(problems, size, size, dtype=dtype)  # [p, j, i] = s_j . y_i (physical slots)
         self.rho = torch.zeros(problems, size, dtype=dtype)
         self.count = torch.zeros(problems, dtype=torch.long)  # pairs ever accepted (the ring's write position)
         self.h_diag = torch.ones(problems, dtype=dtype)
 
     def directions(self, ids: torch.Tensor, requests: list[_Direction]) -> torch.Tensor:
         """Update the histories of problems ``ids`` [Q] with their last step (if y.s > 1e-10, as torch does) and
-        return their directions [Q, n] from the two-loop recursion, each over its own history only."""
+        return their directions [Q, n] = -H_p g from the two-loop recursion, each over its own history only."""
+        size = self.size
         g = torch.stack([r.flat_grad for r in requests])
         y_new = g - torch.stack([r.prev_flat_grad for r in requests])
         s_new = torch.stack([r.step for r in requests])
         ys = torch.linalg.vecdot(y_new, s_new)
         accept = ys > 1e-10
+        everyone = len(ids) == len(self.count) and bool((ids == torch.arange(len(ids))).all())
         if bool(accept.any()):
             rows = ids[accept]
-            slot = self.count[rows] % self.size
+            slot = self.count[rows] % size
             self.s[rows, slot] = s_new[accept]
             self.y[rows, slot] = y_new[accept]
             self.rho[rows, slot] = 1.0 / ys[accept]
             self.h_diag[rows] = ys[accept] / torch.linalg.vecdot(y_new[accept], y_new[accept])
             self.count[rows] += 1
+        s_q = self.s if everyone else self.s.index_select(0, ids)
+        y_q = self.y if everyone else self.y.index_select(0, ids)
+        if bool(accept.any()):  # the new pair's row and column of the Gram matrix
+            rows = ids[accept]
+            slot = (self.count[rows] - 1) % size
+            self.sy[rows, slot, :] = torch.bmm(y_q, s_new.unsqueeze(2)).squeeze(2)[accept]
+            self.sy[rows, :, slot] = torch.bmm(s_q, y_new.unsqueeze(2)).squeeze(2)[accept]
         count = self.count[ids]
-        num = count.clamp(max=self.size)
-        m = int(num.max())
-        q = g.neg()
-        al = []
-        slots = []
-        for j in range(m):  # newest to oldest
-            valid = j < num
-            phys = (count - 1 - j) % self.size
-            slots.append((valid, phys))
-            s_j, y_j, rho_j = self.s[ids, phys], self.y[ids, phys], self.rho[ids, phys]
-            a = torch.where(valid, torch.linalg.vecdot(s_j, q) * rho_j, 0.0)
-            q = q - a.unsqueeze(1) * y_j
-            al.append(a)
-        r = q * self.h_diag[ids].unsqueeze(1)
-        for j in reversed(range(m)):  # oldest to newest
-            valid, phys = slots[j]
-            s_j, y_j, rho_j = self.s[ids, phys], self.y[ids, phys], self.rho[ids, phys]
-            be = torch.linalg.vecdot(y_j, r) * rho_j
-            r = r + torch.where(valid, al[j] - be, 0.0).unsqueeze(1) * s_j
-        return r
+        num = count.clamp(max=size)
+        logical = torch.arange(size)
+        valid = logical.unsqueeze(0) < num.unsqueeze(1)  # [Q, H], oldest first
+        perm = (count.unsqueeze(1) - num.unsqueeze(1) + logical.unsqueeze(0)) % size  # logical -> physical slot
+        rho = torch.where(valid, self.rho[ids].gather(1, perm), 0.0)
+        sy = self.sy[ids]
+        sy = sy.gather(1, perm.unsqueeze(2).expand(-1, -1, size)).gather(2, perm.unsqueeze(1).expand(-1, size, -1))
+        sy = torch.where(valid.unsqueeze(2) & valid.unsqueeze(1), sy, 0.0)
+        eye = torch.eye(size, dtype=g.dtype).expand(len(ids), -1, -1)
+        # loop 1 (newest to oldest): a_j = rho_j s_j . (-g - sum_{i newer} a_i y_i)
+        s_g = torch.bmm(s_q, g.unsqueeze(2)).squeeze(2).gather(1, perm)
+        upper = eye + rho.unsqueeze(2) * sy.triu(1)
+        a = torch.linalg.solve_triangular(upper, (-rho * s_g).unsqueeze(2), upper=True).squeeze(2)
+        a_phys = torch.zeros_like(a).scatter(1, perm, a)
+        q = g.neg() - torch.bmm(a_phys.unsqueeze(1), y_q).squeeze(1)
+        # loop 2 (oldest to newest): r = H_diag q + sum_i c_i s_i, c_j = a_j - rho_j y_j . r_j
+        h_diag = self.h_diag[ids]
+        y_r0 = h_diag.unsqueeze(1) * torch.bmm(y_q, q.unsqueeze(2)).squeeze(2).gather(1, perm)
+        lower = eye + rho.unsqueeze(2) * sy.transpose(1, 2).tril(-1)
+        c = torch.linalg.solve_triangular(lower, (a - rho * y_r0).unsqueeze(2), upper=False).squeeze(2)
+        c_phys = torch.zeros_like(c).scatter(1, perm, torch.where(valid, c, 0.0))
+        return q * h_diag.unsqueeze(1) + torch.bmm(c_phys.unsqueeze(1), s_q).squeeze(1)
 
 
 def minimise(start: torch.Tensor, evaluate: Evaluate, settings: LBFGSSettings, limits: list[float],
