@@ -147,6 +147,12 @@ def run(
     image_size: Annotated[int, typer.Option(help="Images are resized to this many pixels a side.")] = _DEFAULTS.image_size,
     channels: Annotated[int, typer.Option(help="1 (grayscale) or 3 (RGB).")] = _DEFAULTS.channels,
     seed: Annotated[int, typer.Option(help="Seed of the initialization, training, victim choice and attack.")] = _DEFAULTS.seed,
+    seeds: Annotated[str | None, typer.Option(
+        help="A cell: one target attacked through every seed of this list (\"0-63\", \"0,3,7\" or \"0-9,20\"), one row "
+             "per seed; the target is --target-seed's, default the first seed. Replaces --seed.")] = None,
+    batch_victims: Annotated[int, typer.Option(
+        help="With --seeds: victims attacked together in one batched job (gradient inversion: one vectorised "
+             "optimisation); 0 runs them one after another, as separate runs.")] = 64,
     split_seed: Annotated[int, typer.Option(help="Seed of the members / nonmembers / auxiliary split.")] = _DEFAULTS.split_seed,
     target_seed: Annotated[int | None, typer.Option(
         help="Seed of the trained target alone (initialization, training, defense secrets); --seed then picks only "
@@ -203,9 +209,14 @@ def run(
         )
         options = RunOptions(
             data_root=str(data_root) if data_root else None, force=force,
-            allow_download=allow_download, threads=threads,
+            allow_download=allow_download, threads=threads, batch_victims=batch_victims,
         )
         store = Store(store_path)
+        if seeds is not None:
+            if seed != _DEFAULTS.seed:
+                raise ConfigError("--seed and --seeds exclude each other; --seeds lists every victim's seed")
+            _run_cell(config, seeds, store, options, tracker, as_json, show, terminal)
+            return
         result = None if force else lookup(config, store, options)
         if result is None:
             result = _compute(config, store, options, tracker, bar=show and terminal, lines=show and not terminal)
@@ -226,6 +237,64 @@ def run(
     if show and not terminal:
         logging.getLogger("privbench").info("%s", _result_line(result))
     raise typer.Exit({"ok": 0, "failed": 1, "unsupported": 3}[result.status])
+
+
+def _run_cell(config, seeds: str, store, options, tracker, as_json: bool, show: bool, terminal: bool) -> None:
+    """``bench run --seeds``: the cell's rows (stored or computed), a summary, and the exit code of the worst
+    row (1 if any failed, else 3 if any is unsupported, else 0)."""
+    import statistics
+
+    from privbench import runner
+    from privbench.stages import BarSink, LogSink
+    from privbench.suite.spec import parse_seeds
+
+    seed_list = parse_seeds([part.strip() for part in seeds.split(",") if part.strip()])
+    configs = runner.cell_configs(config, seed_list)
+    with contextlib.ExitStack() as stack:
+        if show and terminal:
+            tracker.sinks.append(stack.enter_context(BarSink(err_console)))
+        elif show:
+            tracker.sinks.append(LogSink())
+        try:
+            results = runner.run_cell(configs, store, options, tracker)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            tracker.close("failed")
+            raise
+        tracker.close("done")
+        tracker.sinks.clear()
+    statuses = [r.status for r in results]
+    if as_json:
+        typer.echo(_json([r.to_dict() for r in results]))
+    else:
+        first = results[0].config
+        cell_ids = sorted({r.info.get("cell", {}).get("id") for r in results if not r.cached} - {None})
+        _say((f"{first['defense']} x {first['attack']} on {first['dataset']} ({first['model']}, "
+              f"{first['image_size']}px, target seed {configs[0].target_seed}): a cell of {len(results)} victims, "
+              f"seeds {seeds}", "bold"))
+        table = Table("metric", "median over victims", "baseline median", "n")
+        ok = [r for r in results if r.status == "ok"]
+        for name in ("psnr", "ssim", "label_accuracy"):
+            values = [r.metrics[name] for r in ok if isinstance(r.metrics.get(name), (int, float))]
+            base = [r.metrics[f"baseline_{name}"] for r in ok if isinstance(r.metrics.get(f"baseline_{name}"),
+                                                                              (int, float))]
+            if values:
+                table.add_row(name, _fmt(statistics.median(values)), _fmt(statistics.median(base)) if base else "n/a",
+                              str(len(values)))
+        console.print(table)
+        counts = {s: statuses.count(s) for s in ("ok", "failed", "unsupported")}
+        served = sum(r.cached for r in results)
+        _say(f"{counts['ok']} ok, {counts['failed']} failed, {counts['unsupported']} unsupported; {served} served "
+             f"from the store; computed as {', '.join(cell_ids) or 'nothing new'} (batch size "
+             f"{options.batch_victims or 'sequential'}); wall time "
+             f"{sum(r.wall_time_s for r in results if not r.cached):.1f} s")
+        for r in results:
+            if r.status != "ok":
+                _say((f"seed {r.config['seed']}: {r.status}:", "red"), " ", r.error)
+        if tracker.stages and show:
+            _say(f"stage times: {tracker.timings()}")
+    raise typer.Exit(1 if "failed" in statuses else 3 if "unsupported" in statuses else 0)
 
 
 def _compute(config, store, options, tracker, bar: bool, lines: bool):

@@ -17,6 +17,7 @@ same raises ``ResultNotStored``, naming where the result is kept (``bench import
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 import traceback
@@ -52,6 +53,8 @@ class RunOptions:
     allow_download: bool = False
     threads: int | None = None
     cache_dir: Path | None = None  # trained targets and preprocessed data; default <home>/cache
+    # a cell's victims attacked together, at most this many per batched job; 0: one run after another
+    batch_victims: int = 64
 
 
 def lookup(config: RunConfig, store: Store, options: RunOptions, resolved: RunConfig | None = None) -> RunResult | None:
@@ -190,3 +193,179 @@ def execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pat
     result.info.update(scores.info)
     if scores.unavailable:
         result.info.setdefault("unavailable_metrics", {}).update(scores.unavailable)
+
+
+# -- cells: many victims of one target ------------------------------------------------------------------------
+
+
+def cell_configs(config: RunConfig, seeds: list[int]) -> list[RunConfig]:
+    """The configs of a cell: ``config`` once per victim seed, all attacking one target (``config.target_seed``,
+    or the first seed when unset). Each is the config ``bench run --seed S --target-seed T`` would run."""
+    if not seeds:
+        raise configlib.ConfigError("a cell needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise configlib.ConfigError(f"a cell's seeds must be distinct, got {seeds}")
+    target = seeds[0] if config.target_seed is None else config.target_seed
+    return [dataclasses.replace(config, seed=seed, target_seed=target) for seed in seeds]
+
+
+def run_cell(configs: list[RunConfig], store: Store, options: RunOptions = RunOptions(),
+             progress: ProgressFn | None = None) -> list[RunResult]:
+    """Return the stored or computed row of every config of one cell (configs equal but for ``seed``).
+
+    Stored rows are served as they are; the others are computed together, ``options.batch_victims`` victims
+    per job: data, splits and the target once, one observation per victim (its own seeds), the attack's
+    ``run_cell`` (gradient inversion: one batched optimisation), then each victim scored and stored as its
+    own row, with the provenance of a single run plus ``info.cell`` (the cell's id, the job's size, the
+    victim's index). A failure of one victim fails its row only. ``batch_victims=0`` runs the configs one
+    after another through :func:`run`, exactly as separate runs.
+
+    Raises ConfigError when the configs do not form a cell, and what :func:`run` raises on bad input.
+    """
+    resolve_threads(options.threads)
+    if not configs:
+        raise configlib.ConfigError("a cell needs at least one config")
+    base = dataclasses.replace(configs[0], seed=0)
+    for config in configs[1:]:
+        if dataclasses.replace(config, seed=0) != base:
+            raise configlib.ConfigError("the configs of a cell may differ in their seed only")
+    if configs[0].target_seed is None and len(configs) > 1:
+        raise configlib.ConfigError("a cell attacks one target: set target_seed (runner.cell_configs does)")
+    if options.batch_victims < 0:
+        raise configlib.ConfigError(f"batch_victims must be >= 0 (0: sequential), got {options.batch_victims}")
+    if options.batch_victims == 0:
+        return [run(config, store, options, progress) for config in configs]
+    store.recover()
+    results: list[RunResult | None] = [None] * len(configs)
+    resolved_base = configlib.resolve(configs[0])
+    todo = []
+    for i, config in enumerate(configs):
+        resolved = dataclasses.replace(resolved_base, seed=config.seed)
+        hit = None if options.force else lookup(config, store, options, resolved)
+        if hit is not None:
+            results[i] = hit
+        else:
+            todo.append((i, config, resolved))
+    if todo:
+        store.check_writable()
+    cell_id = "cell-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    for start in range(0, len(todo), options.batch_victims):
+        chunk = todo[start : start + options.batch_victims]
+        for (i, _, _), result in zip(chunk, _run_batch(chunk, store, options, progress, cell_id, len(configs)),
+                                     strict=True):
+            results[i] = result
+    return results  # type: ignore[return-value]
+
+
+def _run_batch(chunk: list[tuple[int, RunConfig, RunConfig]], store: Store, options: RunOptions,
+               progress: ProgressFn | None, cell_id: str, cell_size: int) -> list[RunResult]:
+    """Compute and store one batched job of a cell: ``chunk`` holds (index, requested, resolved) per victim."""
+    rows = [new_result(requested, resolved, options) for _, requested, resolved in chunk]
+    stagings = [store.staging_dir(row.run_id) for row in rows]
+    for k, ((index, _, _resolved), row) in enumerate(zip(chunk, rows, strict=True)):
+        row.info["cell"] = {"id": cell_id, "batch_size": len(chunk), "cell_size": cell_size, "index": index,
+                            "batch_index": k, "seeds": [r.seed for _, _, r in chunk]}
+    start = time.perf_counter()
+    try:
+        failures = _execute_batch([r for _, _, r in chunk], options, rows, stagings, progress)
+    except (*INPUT_ERRORS, KeyboardInterrupt):
+        for staging in stagings:
+            store.release(staging, remove=True)
+        raise
+    except Exception as exc:  # before any victim's attack (data, target): every row of the job fails with it
+        failures = {k: exc for k in range(len(rows))}
+    elapsed = time.perf_counter() - start
+    stored = []
+    for k, (row, staging) in enumerate(zip(rows, stagings, strict=True)):
+        if k in failures:
+            exc = failures[k]
+            row.status = "unsupported" if isinstance(exc, AttackError) else "failed"
+            row.error = f"{type(exc).__name__}: {exc}"
+            row.traceback = "".join(traceback.format_exception(exc))
+        row.info["cell"]["batch_wall_time_s"] = elapsed
+        row.wall_time_s = elapsed / len(rows)  # this victim's share of the job
+        stored.append(store.record(row, staging, replace=options.force))
+    return stored
+
+
+def _execute_batch(cfgs: list[RunConfig], options: RunOptions, rows: list[RunResult], stagings: list[Path],
+                   progress: ProgressFn | None) -> dict[int, Exception]:
+    """Steps 2-6 for the victims of one job into ``rows`` and ``stagings``; returns the victims that failed
+    (index -> exception). Data, splits, the defense and the target are shared (they do not depend on the seed)."""
+    import copy
+    import shutil
+
+    from privbench import observe, targets
+    from privbench.metrics.family import ScoreContext
+    from privbench.run_setup import cache_dir, setup
+
+    first = cfgs[0]
+    run_setup = setup(first, options, rows[0].info["data_fingerprint"], progress)
+    parts, defense, ctx, shared_info = run_setup.parts, run_setup.defense, run_setup.ctx, run_setup.info
+    attack_cls = registry.attacks.get(first.attack)
+    attacks = [attack_cls(attack_cls.Params(**dict(cfg.attack_params)), seed=cfg.derived_seeds()["attack"])
+               for cfg in cfgs]
+    attacks[0].check_setting(AttackSetting(len(parts.members), len(parts.nonmembers), len(parts.auxiliary),
+                                           first.victim_batch, run_setup.data.num_classes, run_setup.data.image_shape))
+    scorer = registry.metrics.get(attacks[0].family)()
+    fitted = targets.fit_with_twin(defense, ctx.build_model, parts.members, ctx, cache_dir(options) / "targets",
+                                   stagings[0])
+    for staging in stagings[1:]:  # the defense's artifacts, as each single run would stage them
+        for path in stagings[0].iterdir():
+            if path.is_file():
+                shutil.copyfile(path, staging / path.name)
+    shared_info["target"] = fitted.info
+    shared_info["components"] = {
+        "attack_adaptive_for": list(getattr(attack_cls, "adaptive_for", ())),
+        "attack_surface": attacks[0].surface.value,
+        "defense_differentiable": bool(getattr(type(defense), "differentiable", True)),
+        "defense_paper_claims": [c.to_dict() for c in getattr(type(defense), "paper_claims", ())],
+    }
+    if fitted.twin is not None:
+        shared_info["twin"] = fitted.twin_info
+    failures: dict[int, Exception] = {}
+    observed, observations, truths = [], [], []
+    stages.begin(progress, "observation")
+    for k, (cfg, attack, row) in enumerate(zip(cfgs, attacks, rows, strict=True)):
+        row.info.update(copy.deepcopy(shared_info))
+        row.metrics.update(fitted.metrics())
+        row.costs.update(fitted.costs())
+        victim_ctx = dataclasses.replace(ctx, config=cfg, seeds=cfg.derived_seeds())
+        try:
+            observation, truth = observe.for_attack(attack, defense, fitted.target, parts, victim_ctx)
+        except Exception as exc:  # noqa: BLE001 - this victim's row only
+            failures[k] = exc
+            continue
+        if isinstance(truth, Victim):
+            row.info["victim_ids"] = list(truth.ids)
+        row.info["observation"] = {"surface": observation.surface.value, **observation.notes}
+        observed.append(k)
+        observations.append(observation)
+        truths.append(truth)
+    stages.end(progress, "observation")
+    t0 = time.perf_counter()
+    outputs = attack_cls.run_cell([attacks[k] for k in observed], observations, first.budget,
+                                  stages.attack_progress(progress))
+    attack_time = time.perf_counter() - t0
+    stages.begin(progress, "scoring")
+    for k, truth, output in zip(observed, truths, outputs, strict=True):
+        row = rows[k]
+        row.costs["attack_time_s"] = attack_time / len(observed)  # this victim's share of the batched attack
+        row.costs["cell_attack_time_s"] = attack_time
+        if isinstance(output, Exception):
+            failures[k] = output
+            continue
+        try:
+            row.grad_evals = output.grad_evals
+            row.info.update(attack=output.info, family=attacks[k].family)
+            context = ScoreContext(run_setup.parts.auxiliary, row.costs, stagings[k], attacks[k].surface,
+                                   options.allow_download, cache_dir=cache_dir(options))
+            scores = scorer.score(output, truth, context)
+            row.metrics.update(scores.metrics)
+            row.info.update(scores.info)
+            if scores.unavailable:
+                row.info.setdefault("unavailable_metrics", {}).update(scores.unavailable)
+        except Exception as exc:  # noqa: BLE001 - this victim's row only
+            failures[k] = exc
+    stages.end(progress, "scoring")
+    return failures

@@ -318,9 +318,11 @@ def minimise(start: torch.Tensor, evaluate: Evaluate, settings: LBFGSSettings, l
             final[p] = stop.value
             requests.pop(p, None)
 
+    if progress is not None:
+        progress(0, settings.steps)
     for p in range(problems):
         advance(p, None)
-    last_reported = -1
+    last_reported = 0
     while requests:
         while True:
             asking = [p for p, r in requests.items() if isinstance(r, _Direction)]
