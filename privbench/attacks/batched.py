@@ -30,9 +30,10 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from privbench.attacks import lbfgs_batched
 from privbench.attacks.base import AttackOutput, Progress
 from privbench.attacks.gradient_inversion import (
+    Candidate,
+    GradientInversion,
     form_update,
     label_loss,
-    label_rule,
     lr_milestones,
     mean_scale,
     restart_budget,
@@ -42,12 +43,13 @@ from privbench.config import Budget
 from privbench.threat import GradientUpdate, Observation
 
 if TYPE_CHECKING:
-    from privbench.attacks.gradient_inversion import GradientInversion
+    from privbench.attacks.gradient_inversion import Parametrisation
 
 
 @dataclass
 class _Victim:
-    """One batchable victim: its attack, observation, label rule and fixed labels (int64 [B] or None)."""
+    """One batchable victim: its attack, observation, label rule, fixed labels (int64 [B] or None) and the
+    parametrisation of its inputs (pixels = mean + std z)."""
 
     index: int
     attack: "GradientInversion"
@@ -55,6 +57,13 @@ class _Victim:
     update: GradientUpdate
     rule: str
     fixed_labels: torch.Tensor | None
+    label_note: str
+    scale: "Parametrisation"
+
+
+# hooks whose overrides make the objective or the choice of a candidate per-victim state (GradInversion's
+# BatchNorm prior read in ``prepare``, group consistency, its consensus pick): such attacks run sequentially
+_HOOKS = ("run", "_invert", "prepare", "prior", "group_term", "_pick", "_draw_start", "_start")
 
 
 def why_not_batched(attack: "GradientInversion", observation: Observation) -> str | None:
@@ -68,6 +77,10 @@ def why_not_batched(attack: "GradientInversion", observation: Observation) -> st
         return "multi-step update (refused by the attack)"
     if attack.params.eot_samples > 1:
         return "EOT over several encoder samples (per-sample randomness is not batched)"
+    overridden = [h for h in _HOOKS if getattr(type(attack), h) is not getattr(GradientInversion, h)]
+    if overridden or attack.groups != 1:
+        return (f"{attack.registry_name} overrides {', '.join(overridden) or 'groups'} (per-victim priors or "
+                f"jointly optimised candidate groups are not batched)")
     if hasattr(update.model, "timesteps") or hasattr(update.model, "encoding"):
         return "spiking network (stochastic encoder, snntorch state)"
     return None
@@ -89,13 +102,16 @@ def run_cell(attacks: "list[GradientInversion]", observations: list[Observation]
     for v, (attack, observation) in enumerate(zip(attacks, observations, strict=True)):
         reason = why_not_batched(attack, observation)
         if reason is None:
-            try:
-                rule, fixed = label_rule(attack.params, observation.gradient_update)
+            update = observation.gradient_update
+            try:  # as the sequential run begins: the parametrisation, the labels, the attack's own preparation
+                scale = attack.parametrisation(observation, update)
+                rule, fixed, note = attack._recover_labels(update, observation)
+                attack.prepare(observation, update)
             except Exception as exc:  # noqa: BLE001 - that victim's row fails (as its sequential run would)
                 outputs[v] = exc
                 continue
-            victim = _Victim(v, attack, observation, observation.gradient_update, rule, fixed)
-            groups.setdefault(_signature(victim.update), []).append(victim)
+            victim = _Victim(v, attack, observation, update, rule, fixed, note, scale)
+            groups.setdefault((*_signature(update), fixed is None), []).append(victim)
             continue
         outputs[v] = _sequential(attack, observation, budget, reason)
     size = max_batch or len(attacks) or 1
@@ -128,49 +144,79 @@ def _sequential(attack: "GradientInversion", observation: Observation, budget: B
 
 
 class _Objective:
-    """The vectorised objective of P problems: value [P] and gradients w.r.t. inputs [P, B, ...] (and label
-    logits [P, B, K] for joint labels) from one vmap call, each problem against its own victim's update."""
+    """The vectorised objective of P problems: value [P] and gradients w.r.t. z [P, B, ...] (and label logits
+    [P, B, K] for joint labels) from one vmap call, each problem against its own victim's update.
+
+    A problem's objective is the sequential attack's: the gradient distance between the update its pixels
+    (mean + std z, its victim's parametrisation) would give and its victim's shared update, plus the TV
+    prior on image inputs. Train-mode BatchNorm normalises by the batch, so the model's running statistics
+    are dropped (``replace_all_batch_norm_modules_``: they are never read in train mode, and vmap cannot
+    update them in place); eval mode reads the global buffers, shared by every problem.
+    """
 
     def __init__(self, victims: list[_Victim], victim_of: torch.Tensor):
         first = victims[0]
         attack, update = first.attack, first.update
         p = attack.params
         model = copy.deepcopy(update.model)
-        if model.training:  # train-mode BatchNorm normalises by the batch; its running statistics are unused
+        if model.training:
             torch.func.replace_all_batch_norm_modules_(model)
         self.model = model
         self.names = [name for name, q in update.model.named_parameters() if q.requires_grad]
-        per_victim = [dict(v.update.model.named_parameters()) for v in victims]
-        shared = all(torch.equal(pv[name], per_victim[0][name]) for pv in per_victim[1:] for name in self.names)
-        self.params = {n: per_victim[0][n].detach() for n in self.names} if shared else \
-            {n: torch.stack([pv[n].detach() for pv in per_victim]) for n in self.names}
-        self.shared_params = shared
-        frozen = {n: q.detach() for n, q in model.named_parameters() if n not in self.names}
-        self.buffers = {**frozen, **{n: b for n, b in model.named_buffers()}}
+        states = [{**dict(v.update.model.named_parameters()), **dict(v.update.model.named_buffers())}
+                  for v in victims]
+        keys = list(states[0])
+        shared = all(torch.equal(st[k], states[0][k]) for st in states[1:] for k in keys)
+        self.shared = shared
+        trainable = set(self.names)
+        if shared:
+            self.params = {n: states[0][n].detach() for n in self.names}
+        else:
+            self.params = {n: torch.stack([st[n].detach() for st in states]) for n in self.names}
+        # what functional_call reads besides the trainable parameters: frozen parameters and the buffers the
+        # model still has (none for train-mode BatchNorm after the replacement above)
+        frozen = [n for n, _ in model.named_parameters() if n not in trainable] + [n for n, _ in model.named_buffers()]
+        self.frozen = {n: states[0][n].detach() for n in frozen} if shared else \
+            {n: torch.stack([st[n].detach() for st in states]) for n in frozen}
         targets = [mean_scale(v.update) for v in victims]
         self.targets = tuple(torch.stack([t[k] for t in targets]) for k in range(len(targets[0])))
         self.joint = first.fixed_labels is None
         self.fixed = None if self.joint else torch.stack([v.fixed_labels for v in victims])
         self.victim_of = victim_of
         self.rule = update.rule
-        image_input = update.morphed is None
-        self.tv_weight = p.tv_weight if image_input else 0.0
+        self.image_input = update.morphed is None
+        self.tv_weight = p.tv_weight if self.image_input else 0.0
         self.signed = p.signed
         self.distance = attack.gradient_distance
         self.input_shape = (update.batch_size, *update.input_shape)
         self.label_shape = (update.batch_size, update.num_classes)
+        zeros = torch.zeros(self.input_shape)
+        self.mean = torch.stack([v.scale.mean + zeros for v in victims])  # [V, B, ...]
+        self.std = torch.stack([v.scale.std + zeros for v in victims])
         argnums = (0, 1) if self.joint else 0
         self._fn = vmap(grad_and_value(self._one, argnums=argnums),
-                        in_dims=(0, 0, 0, None if shared else 0, None))
+                        in_dims=(0, 0, 0, 0, 0, None if shared else 0, None if shared else 0))
 
-    def _one(self, x: torch.Tensor, labels: torch.Tensor, target: tuple, params: dict, buffers: dict
-             ) -> torch.Tensor:
-        """One problem's objective: distance(update formed from x, its victim's update) + TV prior."""
+    def pixels(self, ids: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+        """Pixels [Q, B, ...] of problems ``ids`` (None: all) at z [Q, B, ...]."""
+        victims = self.victim_of if ids is None else self.victim_of[ids]
+        return self.mean[victims] + self.std[victims] * z
+
+    def clamp(self, ids: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+        """z with its pixels kept in [0, 1] (``Parametrisation.clamp_``)."""
+        victims = self.victim_of if ids is None else self.victim_of[ids]
+        mean, std = self.mean[victims], self.std[victims]
+        return ((mean + std * z).clamp(0, 1) - mean) / std
+
+    def _one(self, z: torch.Tensor, labels: torch.Tensor, target: tuple, mean: torch.Tensor, std: torch.Tensor,
+             params: dict, frozen: dict) -> torch.Tensor:
+        """One problem's objective: distance(update formed from its pixels, its victim's update) + TV prior."""
         names = self.names
+        x = mean + std * z
 
         def loss_grads(inputs: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, ...]:
             def loss(prm: dict) -> torch.Tensor:
-                return label_loss(functional_call(self.model, (prm, buffers), (inputs,)), lab)
+                return label_loss(functional_call(self.model, (prm, frozen), (inputs,)), lab)
 
             g = grad(loss)(params)
             return tuple(g[n] for n in names)
@@ -180,17 +226,44 @@ class _Objective:
             value = value + self.tv_weight * total_variation(x)
         return value
 
-    def __call__(self, ids: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor | None):
-        """(values [Q], grad x [Q, B, ...], grad y [Q, B, K] or None) for problems ``ids`` (None: all)."""
+    def __call__(self, ids: torch.Tensor | None, z: torch.Tensor, y: torch.Tensor | None):
+        """(values [Q], grad z [Q, B, ...], grad y [Q, B, K] or None) for problems ``ids`` (None: all)."""
         victims = self.victim_of if ids is None else self.victim_of[ids]
         targets = tuple(t[victims] for t in self.targets)
-        params = self.params if self.shared_params else {n: q[victims] for n, q in self.params.items()}
+        params = self.params if self.shared else {n: q[victims] for n, q in self.params.items()}
+        frozen = self.frozen if self.shared else {n: q[victims] for n, q in self.frozen.items()}
         labels = y if self.joint else self.fixed[victims]
-        grads, values = self._fn(x, labels, targets, params, self.buffers)
-        gx, gy = grads if self.joint else (grads, None)
+        grads, values = self._fn(z, labels, targets, self.mean[victims], self.std[victims], params, frozen)
+        gz, gy = grads if self.joint else (grads, None)
         if self.signed:
-            gx = gx.sign()
-        return values.detach(), gx.detach(), (None if gy is None else gy.detach())
+            gz = gz.sign()
+        return values.detach(), gz.detach(), (None if gy is None else gy.detach())
+
+
+class _Best:
+    """Each problem's best iterate by its objective (the sequential attack's rule: a NaN is never kept) and
+    its last objective value."""
+
+    def __init__(self, problems: int):
+        self.value = torch.full((problems,), float("inf"))
+        self.found = torch.zeros(problems, dtype=torch.bool)
+        self.z: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.last = torch.full((problems,), float("nan"))
+
+    def update(self, ids: torch.Tensor, values: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None) -> None:
+        if self.z is None:
+            self.z = torch.zeros((len(self.value), *z.shape[1:]), dtype=z.dtype)
+            self.y = None if y is None else torch.zeros((len(self.value), *y.shape[1:]), dtype=y.dtype)
+        self.last[ids] = values
+        better = values < self.value[ids]
+        if bool(better.any()):
+            rows = ids[better]
+            self.value[rows] = values[better]
+            self.found[rows] = True
+            self.z[rows] = z[better]
+            if y is not None:
+                self.y[rows] = y[better]
 
 
 def _solve(victims: list[_Victim], budget: Budget, progress: Progress | None) -> list[AttackOutput | Exception]:
@@ -198,33 +271,34 @@ def _solve(victims: list[_Victim], budget: Budget, progress: Progress | None) ->
     first = victims[0]
     p = first.attack.params
     restarts = p.restarts
-    xs, ys = [], []
+    zs, ys = [], []
     for victim in victims:  # each victim's starts from its own attack seed, in the sequential order
         generator = torch.Generator().manual_seed(victim.attack.seed)
         for _ in range(restarts):
-            x, y = victim.attack._draw_start(victim.update, victim.fixed_labels, generator)
-            xs.append(x)
-            ys.append(y)
+            z, y = victim.attack._draw_start(victim.update, victim.fixed_labels, generator, victim.scale)
+            zs.append(z[0])
+            ys.append(None if y is None else y[0])
     victim_of = torch.arange(len(victims)).repeat_interleave(restarts)
     objective = _Objective(victims, victim_of)
-    x0 = torch.stack(xs)
-    y0 = None if objective.joint else None
-    if objective.joint:
-        y0 = torch.stack(ys)
+    z0 = torch.stack(zs)
+    y0 = torch.stack(ys) if objective.joint else None
     per_restart = restart_budget(budget, restarts)
-    limit = float("inf") if per_restart is None else per_restart
-    boxed = p.boxed and first.update.morphed is None
+    limit = (float("inf") if per_restart is None else per_restart) - first.attack.final_evals
+    boxed = p.boxed and objective.image_input
     start = time.perf_counter()
     try:
-        objective(torch.arange(min(1, len(victim_of))), x0[:1], None if y0 is None else y0[:1])
+        objective(torch.zeros(1, dtype=torch.long), z0[:1], None if y0 is None else y0[:1])
     except Exception as exc:  # vmap cannot transform this objective (an override using unsupported ops)
         raise _NotVectorisable(f"the objective cannot be vectorised with torch.func ({type(exc).__name__}: "
                                f"{exc})") from exc
+    best = _Best(len(victim_of))
     if p.optimizer == "adam":
-        x, y, evals, stopped = _adam(objective, x0, y0, p, limit, boxed, progress)
+        z, y, evals, stopped = _adam(objective, best, z0, y0, p, limit, boxed, progress)
     else:
-        x, y, evals, stopped = _lbfgs(objective, x0, y0, p, limit, boxed, progress)
+        z, y, evals, stopped = _lbfgs(objective, best, z0, y0, p, limit, boxed, progress)
     seconds = time.perf_counter() - start
+    final_pixels = objective.pixels(None, z)
+    best_pixels = None if best.z is None else objective.pixels(None, best.z)
     outputs: list[AttackOutput | Exception] = []
     for i, victim in enumerate(victims):
         attack, update = victim.attack, victim.update
@@ -232,9 +306,14 @@ def _solve(victims: list[_Victim], budget: Budget, progress: Progress | None) ->
             runs = []
             for r in range(restarts):
                 k = i * restarts + r
-                runs.append(attack._restart_result(update, victim.fixed_labels, x[k], None if y is None else y[k],
-                                                   evals[k]))
-            output = attack._output(victim.observation, update, runs, victim.rule)
+                if bool(best.found[k]):
+                    runs.append(Candidate(best_pixels[k], None if best.y is None else best.y[k],
+                                          float(best.value[k]), evals[k], float(best.last[k])))
+                else:  # not one finite evaluation: the final iterate, as the sequential run keeps it
+                    runs.append(Candidate(final_pixels[k], None if y is None else y[k], float("inf"), evals[k],
+                                          float(best.last[k])))
+            output = attack._output(victim.observation, update, runs, victim.rule, victim.fixed_labels,
+                                    victim.label_note, victim.scale)
         except Exception as exc:  # noqa: BLE001 - that victim's row only
             outputs.append(exc)
             continue
@@ -243,20 +322,22 @@ def _solve(victims: list[_Victim], budget: Budget, progress: Progress | None) ->
             "engine": "torch.func.vmap over victims x restarts" + (
                 ", L-BFGS in lockstep (per-problem history and strong-Wolfe line search)"
                 if p.optimizer == "lbfgs" else ", Adam on the stacked leaves"),
-            "shared_model": objective.shared_params, "batch_seconds": seconds,
+            "shared_model": objective.shared, "batch_seconds": seconds,
             "restart_stops": stopped[i * restarts : (i + 1) * restarts],
         }
         outputs.append(output)
     return outputs
 
 
-def _adam(objective: _Objective, x0: torch.Tensor, y0: torch.Tensor | None, p: Any, limit: float, boxed: bool,
-          progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor | None, list[int], list[str]]:
+def _adam(objective: _Objective, best: _Best, z0: torch.Tensor, y0: torch.Tensor | None, p: Any, limit: float,
+          boxed: bool, progress: Progress | None
+          ) -> tuple[torch.Tensor, torch.Tensor | None, list[int], list[str]]:
     """Adam (elementwise, so stacking problems changes nothing per problem) on [P, ...] leaves, in lockstep:
     every problem has the same step schedule and budget, so all stop together."""
-    problems = len(x0)
-    x = x0.clone().requires_grad_(True)
-    leaves = [x]
+    problems = len(z0)
+    everyone = torch.arange(problems)
+    z = z0.clone().requires_grad_(True)
+    leaves = [z]
     y = None
     if y0 is not None:
         y = y0.clone().requires_grad_(True)
@@ -272,53 +353,55 @@ def _adam(objective: _Objective, x0: torch.Tensor, y0: torch.Tensor | None, p: A
             break
         evals += 1
         opt.zero_grad(set_to_none=True)
-        _, gx, gy = objective(None, x.detach(), None if y is None else y.detach())
-        x.grad = gx
+        values, gz, gy = objective(None, z.detach(), None if y is None else y.detach())
+        best.update(everyone, values, z.detach(), None if y is None else y.detach())
+        z.grad = gz
         if y is not None:
             y.grad = gy
         opt.step()
         if boxed:
             with torch.no_grad():
-                x.clamp_(0, 1)
+                z.copy_(objective.clamp(None, z))
         if scheduler is not None:
             scheduler.step()
         if progress and (step % 10 == 0 or step == p.steps - 1):
             progress(step + 1, p.steps)
-    return x.detach(), (None if y is None else y.detach()), [evals] * problems, [stopped] * problems
+    return z.detach(), (None if y is None else y.detach()), [evals] * problems, [stopped] * problems
 
 
-def _lbfgs(objective: _Objective, x0: torch.Tensor, y0: torch.Tensor | None, p: Any, limit: float, boxed: bool,
-           progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor | None, list[int], list[str]]:
-    """L-BFGS per problem in lockstep on the flat vectors [x, y] (the order torch.optim.LBFGS flattens the
+def _lbfgs(objective: _Objective, best: _Best, z0: torch.Tensor, y0: torch.Tensor | None, p: Any, limit: float,
+           boxed: bool, progress: Progress | None
+           ) -> tuple[torch.Tensor, torch.Tensor | None, list[int], list[str]]:
+    """L-BFGS per problem in lockstep on the flat vectors [z, y] (the order torch.optim.LBFGS flattens the
     sequential attack's leaves in)."""
-    problems = len(x0)
-    nx = x0[0].numel()
-    start = x0.reshape(problems, -1) if y0 is None else torch.cat([x0.reshape(problems, -1),
+    problems = len(z0)
+    nz = z0[0].numel()
+    start = z0.reshape(problems, -1) if y0 is None else torch.cat([z0.reshape(problems, -1),
                                                                    y0.reshape(problems, -1)], 1)
-    x_shape, y_shape = objective.input_shape, objective.label_shape
+    z_shape, y_shape = objective.input_shape, objective.label_shape
 
     def evaluate(ids: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = len(ids)
-        x = points[:, :nx].reshape(q, *x_shape)
-        y = None if y0 is None else points[:, nx:].reshape(q, *y_shape)
-        values, gx, gy = objective(ids, x, y)
-        flat = gx.reshape(q, -1) if gy is None else torch.cat([gx.reshape(q, -1), gy.reshape(q, -1)], 1)
+        z = points[:, :nz].reshape(q, *z_shape)
+        y = None if y0 is None else points[:, nz:].reshape(q, *y_shape)
+        values, gz, gy = objective(ids, z, y)
+        best.update(ids, values, z, y)
+        flat = gz.reshape(q, -1) if gy is None else torch.cat([gz.reshape(q, -1), gy.reshape(q, -1)], 1)
         return values, flat
 
-    lr_at = _lr_schedule(p)
+    def clamp(p_id: int, point: torch.Tensor) -> torch.Tensor:
+        point = point.clone()
+        ids = torch.tensor([p_id])
+        point[:nz] = objective.clamp(ids, point[:nz].reshape(1, *z_shape)).reshape(-1)
+        return point
 
-    def clamp(z: torch.Tensor) -> torch.Tensor:
-        z = z.clone()
-        z[:nx].clamp_(0, 1)
-        return z
-
-    settings = lbfgs_batched.LBFGSSettings(steps=p.steps, lr_at=lr_at, max_iter=p.lbfgs_max_iter)
+    settings = lbfgs_batched.LBFGSSettings(steps=p.steps, lr_at=_lr_schedule(p), max_iter=p.lbfgs_max_iter)
     result = lbfgs_batched.minimise(start, evaluate, settings, [limit] * problems, cost=1,
                                     after_step=clamp if boxed else None, progress=progress)
     points = result.points
-    x = points[:, :nx].reshape(problems, *x_shape)
-    y = None if y0 is None else points[:, nx:].reshape(problems, *y_shape)
-    return x, y, result.evals, result.stopped
+    z = points[:, :nz].reshape(problems, *z_shape)
+    y = None if y0 is None else points[:, nz:].reshape(problems, *y_shape)
+    return z, y, result.evals, result.stopped
 
 
 def _lr_schedule(p: Any):

@@ -171,12 +171,12 @@ def _strong_wolfe(x, t, d, f, g, gtd, c1=1e-4, c2=0.9, tolerance_change=1e-9, ma
     return f_new, g_new, t, ls_func_evals
 
 
-def _problem(z: torch.Tensor, s: LBFGSSettings, after_step: Callable[[torch.Tensor], torch.Tensor] | None,
-             status: dict) -> Generator:
+def _problem(z: torch.Tensor, s: LBFGSSettings, after_step: Callable[[int, torch.Tensor], torch.Tensor] | None,
+             status: dict, index: int) -> Generator:
     """One problem's optimisation: ``s.steps`` calls of ``LBFGS.step`` as the sequential attack makes them,
     with its stopping rule (the step's first loss repeats, or is non-finite). Yields points to evaluate
     (answered with (loss float, flat gradient [n])) or ``_Direction`` requests (answered with d [n]);
-    returns the final point. ``after_step(z)`` is applied after every step (the [0, 1] box)."""
+    returns the final point. ``after_step(index, z)`` is applied after every step (the [0, 1] box)."""
     max_eval = s.evals_per_step
     n_total = 0  # state["n_iter"]
     d = t = prev_flat_grad = None
@@ -213,7 +213,7 @@ def _problem(z: torch.Tensor, s: LBFGSSettings, after_step: Callable[[torch.Tens
                 if d.mul(t).abs().max() <= s.tolerance_change or abs(loss - prev_loss) < s.tolerance_change:
                     break
         if after_step is not None:
-            z = after_step(z)
+            z = after_step(index, z)
         status["steps"] = step + 1
         # the sequential attack's rule: L-BFGS returns the same value once it can make no progress
         if previous is not None and orig_loss == previous or not math.isfinite(orig_loss):
@@ -294,7 +294,7 @@ class _History:
 
 
 def minimise(start: torch.Tensor, evaluate: Evaluate, settings: LBFGSSettings, limits: list[float],
-             cost: int = 1, after_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             cost: int = 1, after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
              progress: Callable[[int, int], None] | None = None) -> Result:
     """Run L-BFGS on P problems from ``start`` [P, n] in lockstep.
 
@@ -306,7 +306,7 @@ def minimise(start: torch.Tensor, evaluate: Evaluate, settings: LBFGSSettings, l
     problems, n = start.shape
     history = _History(problems, n, settings.history_size, start.dtype)
     status = [{"steps": 0, "stopped": ""} for _ in range(problems)]
-    gens = [_problem(start[p].clone(), settings, after_step, status[p]) for p in range(problems)]
+    gens = [_problem(start[p].clone(), settings, after_step, status[p], p) for p in range(problems)]
     used = [0] * problems
     final: list[torch.Tensor | None] = [None] * problems
     requests: dict[int, object] = {}
