@@ -225,20 +225,22 @@ def _problem(z: torch.Tensor, s: LBFGSSettings, after_step: Callable[[int, torch
 
 
 class _History:
-    """Every problem's L-BFGS history in ring buffers: s and y [P, H, n], rho [P, H], the Gram matrix
-    s_j . y_i [P, H, H], pairs accepted [P] and H_diag [P].
+    """Every problem's L-BFGS history in ring buffers: the pairs (s, y) in one tensor [P, 2H, n] (s in slots
+    [0, H), y in [H, 2H)), rho [P, H], the Gram matrices s_j . y_i and y_j . y_i [P, H, H], pairs accepted [P]
+    and H_diag [P].
 
-    The two-loop recursion is evaluated in its compact form: with the Gram matrix, each loop is a triangular
-    solve over the (at most H) coefficients, and the vectors enter through four batched products, so a round
-    of directions costs a fixed number of vectorised operations whatever the history's length. The result is
-    the two-loop's, up to rounding (the sums are formed in another order).
+    The two-loop recursion is evaluated in its compact form: with the Gram matrices, each loop is a
+    triangular solve over the (at most H) coefficients, and the history vectors are read twice per round
+    (one product with [g, s_new, y_new], one to form the direction), so a round of directions costs a fixed
+    number of vectorised operations whatever the history's length. The result is the two-loop's, up to
+    rounding (the sums are formed in another order).
     """
 
     def __init__(self, problems: int, n: int, size: int, dtype: torch.dtype):
         self.size = size
-        self.s = torch.zeros(problems, size, n, dtype=dtype)
-        self.y = torch.zeros(problems, size, n, dtype=dtype)
+        self.pairs = torch.zeros(problems, 2 * size, n, dtype=dtype)
         self.sy = torch.zeros(problems, size, size, dtype=dtype)  # [p, j, i] = s_j . y_i (physical slots)
+        self.yy = torch.zeros(problems, size, size, dtype=dtype)  # [p, j, i] = y_j . y_i
         self.rho = torch.zeros(problems, size, dtype=dtype)
         self.count = torch.zeros(problems, dtype=torch.long)  # pairs ever accepted (the ring's write position)
         self.h_diag = torch.ones(problems, dtype=dtype)
@@ -252,22 +254,34 @@ class _History:
         s_new = torch.stack([r.step for r in requests])
         ys = torch.linalg.vecdot(y_new, s_new)
         accept = ys > 1e-10
-        everyone = len(ids) == len(self.count) and bool((ids == torch.arange(len(ids))).all())
-        if bool(accept.any()):
+        any_accepted = bool(accept.any())
+        if any_accepted:
             rows = ids[accept]
             slot = self.count[rows] % size
-            self.s[rows, slot] = s_new[accept]
-            self.y[rows, slot] = y_new[accept]
+            self.pairs[rows, slot] = s_new[accept]
+            self.pairs[rows, size + slot] = y_new[accept]
             self.rho[rows, slot] = 1.0 / ys[accept]
             self.h_diag[rows] = ys[accept] / torch.linalg.vecdot(y_new[accept], y_new[accept])
             self.count[rows] += 1
-        s_q = self.s if everyone else self.s.index_select(0, ids)
-        y_q = self.y if everyone else self.y.index_select(0, ids)
-        if bool(accept.any()):  # the new pair's row and column of the Gram matrix
+        # S and Y times g, s_new, y_new: [Q, 2H, 3]. With more than half of the problems asking, the product runs
+        # over every problem's history in place (the others' rows multiply zeros) rather than copying Q histories.
+        rhs = torch.stack([g, s_new, y_new], 2)
+        in_place = 2 * len(ids) > len(self.count)
+        if in_place:
+            full = rhs.new_zeros((len(self.count), *rhs.shape[1:]))
+            full[ids] = rhs
+            prod = torch.bmm(self.pairs, full)[ids]
+        else:
+            pairs = self.pairs.index_select(0, ids)
+            prod = torch.bmm(pairs, rhs)
+        if any_accepted:  # the new pair's rows and columns of the Gram matrices
             rows = ids[accept]
             slot = (self.count[rows] - 1) % size
-            self.sy[rows, slot, :] = torch.bmm(y_q, s_new.unsqueeze(2)).squeeze(2)[accept]
-            self.sy[rows, :, slot] = torch.bmm(s_q, y_new.unsqueeze(2)).squeeze(2)[accept]
+            self.sy[rows, slot, :] = prod[accept, size:, 1]
+            self.sy[rows, :, slot] = prod[accept, :size, 2]
+            self.yy[rows, slot, :] = prod[accept, size:, 2]
+            self.yy[rows, :, slot] = prod[accept, size:, 2]
+        s_g, y_g = prod[:, :size, 0], prod[:, size:, 0]
         count = self.count[ids]
         num = count.clamp(max=size)
         logical = torch.arange(size)
@@ -278,19 +292,26 @@ class _History:
         sy = sy.gather(1, perm.unsqueeze(2).expand(-1, -1, size)).gather(2, perm.unsqueeze(1).expand(-1, size, -1))
         sy = torch.where(valid.unsqueeze(2) & valid.unsqueeze(1), sy, 0.0)
         eye = torch.eye(size, dtype=g.dtype).expand(len(ids), -1, -1)
-        # loop 1 (newest to oldest): a_j = rho_j s_j . (-g - sum_{i newer} a_i y_i)
-        s_g = torch.bmm(s_q, g.unsqueeze(2)).squeeze(2).gather(1, perm)
+        # loop 1 (newest to oldest): a_j = rho_j s_j . q_j, q_j = -g - sum_{i newer} a_i y_i
         upper = eye + rho.unsqueeze(2) * sy.triu(1)
-        a = torch.linalg.solve_triangular(upper, (-rho * s_g).unsqueeze(2), upper=True).squeeze(2)
+        a = torch.linalg.solve_triangular(upper, (-rho * s_g.gather(1, perm)).unsqueeze(2), upper=True).squeeze(2)
         a_phys = torch.zeros_like(a).scatter(1, perm, a)
-        q = g.neg() - torch.bmm(a_phys.unsqueeze(1), y_q).squeeze(1)
+        # q = -g - Y^T a, so y_j . q = -y_j . g - sum_i a_i y_j . y_i
+        y_q = -y_g - torch.bmm(self.yy[ids], a_phys.unsqueeze(2)).squeeze(2)
         # loop 2 (oldest to newest): r = H_diag q + sum_i c_i s_i, c_j = a_j - rho_j y_j . r_j
         h_diag = self.h_diag[ids]
-        y_r0 = h_diag.unsqueeze(1) * torch.bmm(y_q, q.unsqueeze(2)).squeeze(2).gather(1, perm)
+        y_r0 = h_diag.unsqueeze(1) * y_q.gather(1, perm)
         lower = eye + rho.unsqueeze(2) * sy.transpose(1, 2).tril(-1)
         c = torch.linalg.solve_triangular(lower, (a - rho * y_r0).unsqueeze(2), upper=False).squeeze(2)
         c_phys = torch.zeros_like(c).scatter(1, perm, torch.where(valid, c, 0.0))
-        return q * h_diag.unsqueeze(1) + torch.bmm(c_phys.unsqueeze(1), s_q).squeeze(1)
+        coef = torch.cat([c_phys, -h_diag.unsqueeze(1) * a_phys], 1)  # r = -H_diag g + S^T c - H_diag Y^T a
+        if in_place:
+            full = coef.new_zeros((len(self.count), coef.shape[1]))
+            full[ids] = coef
+            combined = torch.bmm(full.unsqueeze(1), self.pairs).squeeze(1)[ids]
+        else:
+            combined = torch.bmm(coef.unsqueeze(1), pairs).squeeze(1)
+        return -h_diag.unsqueeze(1) * g + combined
 
 
 def minimise(start: torch.Tensor, evaluate: Evaluate, settings: LBFGSSettings, limits: list[float],
