@@ -260,6 +260,8 @@ class GradientInversion(Attack):
                 "restart_objectives": [r.objective for r in runs],
                 "restart_last_objectives": [r.last_objective for r in runs],
                 "restart_grad_evals": [r.evals for r in runs],
+                "steps_per_restart": self.schedule_steps(float("inf") if per_restart is None
+                                                         else per_restart - self.final_evals),
                 "chosen_restart": best,
                 "label_rule": rule,
                 **({"label_note": label_note} if label_note else {}),
@@ -431,13 +433,14 @@ class GradientInversion(Attack):
             opt = torch.optim.LBFGS(leaves, lr=p.lr, max_iter=p.lbfgs_max_iter, line_search_fn="strong_wolfe")
         else:
             opt = torch.optim.Adam(leaves, lr=p.lr)
+        steps = self.schedule_steps(limit)
         scheduler = None
         if p.lr_drops:
-            milestones = [int(p.steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+            milestones = [int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
             scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
         previous = None
         try:
-            for step in range(p.steps):
+            for step in range(steps):
                 if p.optimizer == "lbfgs":
                     value = opt.step(objective)
                 else:
@@ -450,7 +453,7 @@ class GradientInversion(Attack):
                 if scheduler is not None:
                     scheduler.step()
                 if progress and (step % 10 == 0 or step == p.steps - 1):
-                    progress(step + 1, p.steps)
+                    progress(step + 1, steps)
                 if p.optimizer == "lbfgs":
                     # L-BFGS returns the same value once it can make no progress: stop spending evaluations.
                     if previous is not None and value == previous or not torch.isfinite(value):
@@ -463,6 +466,15 @@ class GradientInversion(Attack):
                 best.update(total=float("inf"), groups=[float("inf")] * groups, pixels=scale.pixels(z).detach(),
                             labels=None if y is None else y.detach())
         return self._pick(best, evals, update, fixed_labels, scale)
+
+    def schedule_steps(self, max_evals: float) -> int:
+        """The Adam steps a run takes: ``steps``, or fewer when its evaluation budget runs out first, so that
+        the learning-rate drops fall inside the budget (at 3/8, 5/8 and 7/8 of the steps actually taken).
+        L-BFGS (a variable number of evaluations per step) keeps ``steps`` and stops when the budget does."""
+        p = self.params
+        if p.optimizer != "adam" or max_evals == float("inf"):
+            return p.steps
+        return max(1, min(p.steps, int(max_evals) // (self.groups * p.eot_samples)))
 
     def _pick(self, best: dict, evals: int, update: GradientUpdate, fixed_labels: torch.Tensor | None,
               scale: Parametrisation) -> Candidate:
