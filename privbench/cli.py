@@ -156,6 +156,10 @@ def run(
     model_param: Annotated[list[str] | None, typer.Option("--model-param", help="key=value, repeatable.")] = None,
     gradient_round: Annotated[str, typer.Option("--round", help="Gradients at 'init' (seed's initialization) or 'trained'.")] = _DEFAULTS.gradient_round,
     victim_batch: Annotated[int, typer.Option(help="Images in the victim's batch.")] = _DEFAULTS.victim_batch,
+    bn_mode: Annotated[str, typer.Option(help="BatchNorm mode of the client's update: 'train' (batch statistics, a "
+                                         "FedAvg local step) or 'eval' (global running statistics).")] = _DEFAULTS.bn_mode,
+    bn_buffers: Annotated[str, typer.Option(help="Whether the client shares its updated BatchNorm buffers with the "
+                                            "update ('shared', as FedAvg averages them) or not ('private').")] = _DEFAULTS.bn_buffers,
     members: Annotated[int | None, typer.Option(help="Members (target training set) count; default half the data.")] = _DEFAULTS.split.members,
     nonmembers: Annotated[int | None, typer.Option(help="Nonmembers count; default a quarter of the data.")] = _DEFAULTS.split.nonmembers,
     auxiliary: Annotated[int | None, typer.Option(help="Auxiliary count; default the rest.")] = _DEFAULTS.split.auxiliary,
@@ -198,8 +202,8 @@ def run(
             defense_params=parse_assignments(defense_param, "--defense-param"),
             attack_params=parse_assignments(attack_param, "--attack-param"),
             model_params=parse_assignments(model_param, "--model-param"),
-            gradient_round=gradient_round, victim_batch=victim_batch, budget=Budget(max_grad_evals),
-            split=SplitSpec(members=members, nonmembers=nonmembers, auxiliary=auxiliary),
+            gradient_round=gradient_round, victim_batch=victim_batch, bn_mode=bn_mode, bn_buffers=bn_buffers,
+            budget=Budget(max_grad_evals), split=SplitSpec(members=members, nonmembers=nonmembers, auxiliary=auxiliary),
         )
         options = RunOptions(
             data_root=str(data_root) if data_root else None, force=force,

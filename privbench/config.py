@@ -26,6 +26,8 @@ from privbench.datasets.splits import SplitSpec
 from privbench.params import INT64_MAX, bounded, check_instance, check_values
 
 GradientRound = Literal["init", "trained"]
+BatchNormMode = Literal["train", "eval"]
+BatchNormBuffers = Literal["shared", "private"]
 
 
 class ConfigError(ValueError):
@@ -76,7 +78,12 @@ class RunConfig:
     ``gradient_round`` is the point at which a GRADIENTS observation is taken:
     ``init`` (the seed's initialization, as in the DLG paper) or ``trained``
     (after the defense's training). ``victim_batch`` is how many member images
-    the victim client's update is computed on.
+    the victim client's update is computed on. ``bn_mode`` and ``bn_buffers`` are the BatchNorm
+    protocol of that update: whether the client computes it with BatchNorm in ``train`` mode (batch
+    statistics, as a FedAvg client's local step does) or ``eval`` mode (the global running statistics),
+    and whether it ``shared`` its updated BatchNorm buffers with the update (FedAvg implementations
+    commonly average them with the weights) or kept them ``private``. They are properties of the
+    protocol, not of the attack; models without BatchNorm are unaffected.
     """
 
     defense: str = "none"
@@ -94,6 +101,8 @@ class RunConfig:
     split: SplitSpec = field(default_factory=SplitSpec)
     gradient_round: GradientRound = "init"
     victim_batch: int = 1
+    bn_mode: BatchNormMode = "train"
+    bn_buffers: BatchNormBuffers = "shared"
     budget: Budget = field(default_factory=Budget)
 
     def __post_init__(self) -> None:
@@ -101,6 +110,10 @@ class RunConfig:
             object.__setattr__(self, name, freeze_params(getattr(self, name)))
         if self.gradient_round not in ("init", "trained"):
             raise ConfigError(f"gradient_round must be 'init' or 'trained', got {self.gradient_round!r}")
+        if self.bn_mode not in ("train", "eval"):
+            raise ConfigError(f"bn_mode must be 'train' or 'eval', got {self.bn_mode!r}")
+        if self.bn_buffers not in ("shared", "private"):
+            raise ConfigError(f"bn_buffers must be 'shared' or 'private', got {self.bn_buffers!r}")
         for name, low, high in (("image_size", 4, MAX_IMAGE_SIZE), ("victim_batch", 1, MAX_VICTIM_BATCH)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -123,6 +136,9 @@ class RunConfig:
             out[name] = dict(getattr(self, name))
         if out["target_seed"] is None:  # absent rather than null, so configs from before the field keep their hashes
             del out["target_seed"]
+        for name, default in (("bn_mode", "train"), ("bn_buffers", "shared")):
+            if out[name] == default:  # absent at the default, for the same reason; rows state the protocol in notes
+                del out[name]
         return out
 
     @property

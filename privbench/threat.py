@@ -77,7 +77,9 @@ class GradientUpdate:
     """The update one client shares for the victim batch, as the defense lets it out.
 
     ``model`` is a fresh copy of the global model at ``round`` (the server knows it: it sent it), in
-    train mode, with the global model's buffers (never statistics of the victim batch).
+    the BatchNorm mode the client computed the update in (``bn_mode``: ``train`` uses the batch's
+    statistics, ``eval`` the global running statistics), with the global model's buffers (never
+    statistics of the victim batch).
     ``gradients`` are, per parameter of ``model`` in ``model.parameters()`` order, the update formed
     by ``rule`` (default: d(mean cross-entropy over the batch)/d(param)) and then whatever else the
     defense does to it. ``batch_size`` is the number of examples behind the update (public in FL: the
@@ -86,9 +88,9 @@ class GradientUpdate:
     ``encrypted``: the observer holds only ciphertexts of the update (HE aggregator): ``gradients``
     is empty. ``local_steps``: SGD steps behind the update; with more than one it is
     (w_t - w_t+1) / lr after several steps, not a gradient. ``buffers``: the BatchNorm buffer values
-    the update shares, in ``model.buffers()`` order, when the protocol shares them (HE's FedAvg: the
+    the update shares, in ``model.buffers()`` order, when the protocol shares them (FedAvg: the
     running statistics after the local steps, which reveal the batch's per-channel mean and variance);
-    empty otherwise.
+    empty otherwise (buffers kept private, eval mode, or a model without BatchNorm).
     """
 
     model: "nn.Module"
@@ -103,6 +105,7 @@ class GradientUpdate:
     encrypted: bool = False
     local_steps: int = 1
     buffers: tuple["torch.Tensor", ...] = ()
+    bn_mode: Literal["train", "eval"] = "train"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ import torch
 
 from privbench import registry
 from privbench.attacks.base import AttackError
-from privbench.attacks.gradient_inversion import analytic_label, cosine_distance, l2_distance, total_variation
+from privbench.attacks.gradient_inversion import cosine_distance, l2_distance, total_variation
+from privbench.attacks.label_recovery import analytic_label, count_labels
 from privbench.config import Budget
 from privbench.datasets import load
 from privbench.defenses.base import client_gradients
@@ -15,16 +16,23 @@ from privbench.threat import GradientUpdate, Observation, Surface
 
 
 @pytest.fixture(scope="module")
-def victim():
-    data = load("synthetic-mri", 16, 1, cache_dir=None)
+def data():
+    return load("synthetic-mri", 16, 1, cache_dir=None)
+
+
+@pytest.fixture(scope="module")
+def victim(data):
     return data.images[7:8], data.labels[7:8], data.num_classes
 
 
-def _observation(model_name, victim, seed=0, batch=1):
+def _observation(model_name, victim, seed=0, batch=1, auxiliary=None):
     images, labels, k = victim
     model = build_model(model_name, {}, 1, 16, k, seed)
     grads = client_gradients(model, images, labels)
-    return Observation(Surface.GRADIENTS, GradientUpdate(model, grads, batch, (1, 16, 16), k, "init"))
+    if auxiliary is None:
+        auxiliary = load("synthetic-mri", 16, 1, cache_dir=None).subset(range(100, 164))
+    return Observation(Surface.GRADIENTS, GradientUpdate(model, grads, batch, (1, 16, 16), k, "init"),
+                       auxiliary=auxiliary)
 
 
 def _attack(name, **params):
@@ -60,10 +68,43 @@ def test_budget_caps_gradient_evaluations(victim):
     assert out.info["restart_grad_evals"] == [20, 20]
 
 
-def test_best_restart_is_chosen_by_gradient_distance(victim):
+def test_best_restart_is_chosen_by_the_objective(victim):
     out = _attack("dlg", restarts=3, steps=3).run(_observation("lenet", victim), Budget())
-    distances = out.info["restart_distances"]
-    assert out.info["chosen_restart"] == distances.index(min(distances))
+    objectives = out.info["restart_objectives"]
+    assert out.info["chosen_restart"] == objectives.index(min(objectives))
+
+
+def test_a_diverging_schedule_still_returns_its_best_iterate(victim):
+    """Plain Adam at a learning rate far too large: the iterates blow up, the returned point does not."""
+    obs = _observation("lenet", victim)
+    start = _attack("invgrad", steps=1, restarts=1, signed=False, lr_drops=False, boxed=False).run(obs, Budget())
+    diverged = _attack("invgrad", steps=30, restarts=1, signed=False, lr_drops=False, boxed=False,
+                       lr=1e3).run(obs, Budget())
+    best, last = diverged.info["restart_objectives"][0], diverged.info["restart_last_objectives"][0]
+    assert last > 10 * best  # the schedule did diverge
+    assert best <= start.info["restart_objectives"][0]  # the start (same seed) is one of its iterates
+    assert psnr(diverged.images, victim[0]).item() == pytest.approx(psnr(start.images, victim[0]).item(), abs=1e-3)
+
+
+def test_count_rule_recovers_a_batch_of_four_labels_with_a_repeat(data):
+    images = data.images[[0, 1, 2, 3]]
+    for wanted in ([0, 2, 2, 3], [1, 1, 1, 1], [3, 0, 1, 2]):
+        labels = torch.tensor(wanted)
+        model = build_model("lenet", {}, 1, 16, data.num_classes, 5)
+        update = GradientUpdate(model, client_gradients(model, images, labels), 4, (1, 16, 16), data.num_classes,
+                                "init")
+        recovered = count_labels(update, update.gradients, data.images[100:356])
+        assert recovered.tolist() == sorted(wanted)
+
+
+def test_batches_default_to_the_count_rule(data):
+    images, labels = data.images[:4], torch.tensor([0, 2, 2, 3])
+    model = build_model("convnet", {}, 1, 16, data.num_classes, 1)
+    update = GradientUpdate(model, client_gradients(model, images, labels), 4, (1, 16, 16), data.num_classes, "init")
+    obs = Observation(Surface.GRADIENTS, update, auxiliary=data.subset(range(100, 356)))
+    out = _attack("invgrad", steps=2, restarts=1).run(obs, Budget())
+    assert out.info["label_rule"] == "count"
+    assert sorted(out.labels.tolist()) == [0, 2, 2, 3]
 
 
 def test_analytic_label_refuses_batches():

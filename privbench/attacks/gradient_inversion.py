@@ -12,10 +12,18 @@ One implementation, three presets:
   images kept in [0, 1], learning rate x0.1 at 3/8, 5/8 and 7/8 of the steps.
   The paper runs 24,000 steps on a GPU; the default here is 2,000 (CPU budget).
 
+Every preset starts in the data's scale: the attacker knows its auxiliary split's
+per-channel mean m and std s, draws the start as m + s z with z ~ N(0, 1), and
+takes its steps in those normalised units z (``init=data``; ``randn`` / ``uniform``
+/ ``zeros`` start in pixel units instead). It returns the best iterate by its own
+objective (gradient distance plus priors), not the last one.
+
 Batches (B > 1) are recovered jointly: B images (and, with ``label=joint``, B
 soft labels) are optimised against the one shared update; the runner pairs them
 with the true images by Hungarian matching. ``label=auto`` uses iDLG's rule for
-B = 1 and joint soft labels for B > 1 (the rule holds for one image only).
+B = 1 and the count-based rule on the last layer's gradient for B > 1
+(``privbench.attacks.label_recovery``), falling back to joint soft labels (and
+saying so in the row) for a model without a final linear layer.
 
 The update must be a gradient (one local SGD step); an update after several
 local steps is refused rather than inverted under the wrong model. If the
@@ -33,10 +41,11 @@ presets unpad it; the adaptive ``dlg-mple`` / ``invgrad-mple`` (in
 ``privbench.attacks.mple``) map it back through the first layer the observer
 holds.
 
-The attacker sees only the observation (model at the stated round, shared
-gradients, update rule, batch size, input shape, number of classes). The best of
-``restarts`` runs is chosen by the final gradient distance, which the attacker
-can compute; the true images are never consulted.
+The attacker sees only the observation (model at the stated round in the
+protocol's BatchNorm mode, shared gradients and buffers, update rule, batch size,
+input shape, number of classes, auxiliary data). The best of ``restarts`` runs is
+chosen by the objective, which the attacker can compute; the true images are
+never consulted.
 """
 
 from __future__ import annotations
@@ -48,7 +57,9 @@ import torch
 from torch.nn import functional as F
 
 from privbench import morphing, registry
+from privbench.attacks import label_recovery
 from privbench.attacks.base import Attack, AttackOutput, Progress, substage
+from privbench.attacks.label_recovery import analytic_label
 from privbench.config import Budget
 from privbench.params import bounded
 from privbench.threat import AttackError, GradientUpdate, Observation, Surface, UpdateRule
@@ -62,9 +73,12 @@ class GradientInversionParams:
     lr: float = bounded(1.0, gt=0, le=1e4)
     lbfgs_max_iter: int = bounded(20, ge=1, le=100_000)
     restarts: int = bounded(2, ge=1, le=10_000)
-    init: Literal["randn", "uniform", "zeros"] = "randn"  # initial image: N(0,1), U(0,1) or 0.5 everywhere
-    # joint soft-label optimisation, iDLG's analytic rule (B = 1 only), or auto: analytic for B = 1, else joint
-    label: Literal["joint", "analytic", "auto"] = "joint"
+    # initial image: the auxiliary data's per-channel mean + std x N(0,1), steps in those normalised units (data);
+    # or N(0,1), U(0,1), 0.5 everywhere in pixel units
+    init: Literal["data", "randn", "uniform", "zeros"] = "data"
+    # joint soft-label optimisation, iDLG's analytic rule (B = 1 only), class counts from the last layer's gradient
+    # (count), Yin et al.'s distinct-label rule (yin), or auto: analytic for B = 1, count for B > 1
+    label: Literal["joint", "analytic", "count", "yin", "auto"] = "joint"
     tv_weight: float = bounded(0.0, ge=0, le=1e6)  # weight of the total variation prior (mean |dx| + mean |dy|, images in [0, 1])
     signed: bool = False  # step on the sign of the image gradient (Adam only)
     boxed: bool = False  # clamp images to [0, 1] after every step
@@ -84,7 +98,7 @@ class GradientInversionParams:
 
 @dataclass(frozen=True)
 class IDLGParams(GradientInversionParams):
-    label: Literal["joint", "analytic", "auto"] = "analytic"
+    label: Literal["joint", "analytic", "count", "yin", "auto"] = "analytic"
 
 
 @dataclass(frozen=True)
@@ -93,7 +107,7 @@ class InvertingGradientsParams(GradientInversionParams):
     optimizer: Literal["lbfgs", "adam"] = "adam"
     steps: int = bounded(2000, ge=1, le=10**7)
     lr: float = bounded(0.1, gt=0, le=1e4)
-    label: Literal["joint", "analytic", "auto"] = "auto"
+    label: Literal["joint", "analytic", "count", "yin", "auto"] = "auto"
     tv_weight: float = bounded(0.2, ge=0, le=1e6)
     signed: bool = True
     boxed: bool = True
@@ -163,18 +177,38 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
 
 
-def analytic_label(update: GradientUpdate) -> torch.Tensor:
-    """iDLG: for one image, the true class is the row of the last layer's weight gradient with negative sum.
+@dataclass
+class Parametrisation:
+    """Pixels x = mean + std * z: the attack optimises z, in the units of the data's spread.
 
-    d(CE)/dW_k = (p_k - y_k) h with h >= 0, so only the true class's row is
-    non-positive. Returns int64 [1]. Valid for batch size 1 only.
+    ``mean`` and ``std`` broadcast against [B, C, H, W] (per channel, from the auxiliary split) or are
+    0 and 1 (pixel units: ``init`` randn / uniform / zeros, or a model input that is not an image).
     """
-    if update.batch_size != 1:
-        raise AttackError(f"the analytic (iDLG) label rule holds for one image only; batch size is {update.batch_size}")
-    for grad in reversed(update.gradients):
-        if grad.dim() == 2 and grad.shape[0] == update.num_classes:
-            return grad.sum(dim=1).argmin().reshape(1)
-    raise AttackError("no final linear layer with one row per class found for the analytic label rule")
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    description: str
+
+    def pixels(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mean + self.std * z
+
+    def normalised(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def clamp_(self, z: torch.Tensor) -> None:
+        """Keep the pixels of ``z`` in [0, 1], in place."""
+        z.copy_(self.normalised(self.pixels(z).clamp(0, 1)))
+
+
+@dataclass
+class Candidate:
+    """One reconstruction: the best iterate of a run (or of one group of a joint run), by the objective."""
+
+    inputs: torch.Tensor  # [B, ...] the model's inputs (pixels for images)
+    label_logits: torch.Tensor | None  # [B, K] soft labels (joint rule), else None
+    objective: float  # gradient distance + priors at this iterate (what the attacker minimises)
+    evals: int = 0
+    last_objective: float = float("nan")  # the objective at the run's last evaluation (diagnostic)
 
 
 class GradientInversion(Attack):
@@ -183,6 +217,7 @@ class GradientInversion(Attack):
     family = "reconstruction"
     stochastic = True  # random starts (images, soft labels) drawn from the attack seed
     tiny_params = {"steps": 2, "restarts": 2, "lbfgs_max_iter": 4}
+    groups = 1  # candidates optimised jointly per run (GradInversion's group consistency uses several)
 
     def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
         update = observation.gradient_update
@@ -197,37 +232,42 @@ class GradientInversion(Attack):
                 f"{self.registry_name} models a single gradient and does not model multi-step updates "
                 f"(use local_steps=1)"
             )
-        rule = p.label if p.label != "auto" else ("analytic" if update.batch_size == 1 else "joint")
-        fixed_labels = analytic_label(update) if rule == "analytic" else None
+        scale = self.parametrisation(observation, update)
+        rule, fixed_labels, label_note = self._recover_labels(update, observation)
+        self.prepare(observation, update)
         per_restart = None if budget.max_grad_evals is None else max(1, budget.max_grad_evals // p.restarts)
         generator = torch.Generator().manual_seed(self.seed)
-        runs = []
-        total_evals = 0
+        runs: list[Candidate] = []
         for restart in range(p.restarts):
             part = substage(progress, f"restart {restart + 1}/{p.restarts}", restart * p.steps, p.restarts * p.steps)
-            images, label_logits, evals = self._invert(update, fixed_labels, generator, per_restart, part)
-            total_evals += evals
-            labels = fixed_labels if fixed_labels is not None else label_logits.argmax(1)
-            distance = self._final_distance(update, images, labels if label_logits is None else label_logits)
-            runs.append((distance, images, labels, evals))
-        best = min(range(len(runs)), key=lambda i: runs[i][0])
-        distance, inputs, labels, _ = runs[best]
-        images, info = self.to_images(inputs.detach(), update, observation)
+            runs.append(self._invert(update, fixed_labels, generator, per_restart, part, scale))
+        best = min(range(len(runs)), key=lambda i: runs[i].objective)
+        chosen = runs[best]
+        labels = fixed_labels if chosen.label_logits is None else chosen.label_logits.argmax(1)
+        distance = self._gradient_distance_at(update, chosen.inputs, labels if chosen.label_logits is None
+                                              else chosen.label_logits)
+        images, info = self.to_images(chosen.inputs.detach(), update, observation)
         if not update.rule.is_plain_mean:
             info["update_rule"] = (f"dummy updates formed by the public rule: clip_norm={update.rule.clip_norm}, "
                                    f"divisor={update.rule.divisor}; noise std {update.rule.noise_std:g} not removable")
         return AttackOutput(
             images=torch.nan_to_num(images, nan=0.5).clamp(0, 1),
             labels=labels,
-            grad_evals=total_evals,
+            grad_evals=sum(r.evals for r in runs),
             info={
                 "gradient_distance": distance,
-                "restart_distances": [r[0] for r in runs],
-                "restart_grad_evals": [r[3] for r in runs],
+                "restart_objectives": [r.objective for r in runs],
+                "restart_last_objectives": [r.last_objective for r in runs],
+                "restart_grad_evals": [r.evals for r in runs],
                 "chosen_restart": best,
                 "label_rule": rule,
+                **({"label_note": label_note} if label_note else {}),
                 "batch_size": update.batch_size,
-                "selection": "lowest final gradient distance (attacker-computable)",
+                "bn_mode": update.bn_mode,
+                "init": scale.description,
+                "selection": "best iterate of each restart, then the restart with the lowest objective "
+                             "(attacker-computable)",
+                **self.describe(),
                 **info,
             },
         )
@@ -236,6 +276,64 @@ class GradientInversion(Attack):
         """The objective's distance between a dummy update and the shared one (``distance``: l2 or cosine), also
         the restart score. An adaptive variant overrides it to model what the defense did to the update."""
         return DISTANCES[self.params.distance](dummy, target)
+
+    def prepare(self, observation: Observation, update: GradientUpdate) -> None:
+        """Hook run once before the restarts: a subclass reads what its priors need from the observation."""
+
+    def prior(self, x: torch.Tensor) -> torch.Tensor | float:
+        """Extra prior terms on one candidate's pixels ``x`` [B, C, H, W] beyond TV (a subclass adds them)."""
+        return 0.0
+
+    def describe(self) -> dict:
+        """Row notes on the objective (a subclass states its priors)."""
+        return {}
+
+    def parametrisation(self, observation: Observation, update: GradientUpdate) -> Parametrisation:
+        """How pixels relate to the optimised variable: the auxiliary split's per-channel scale for
+        ``init=data`` on images, pixel units otherwise."""
+        unit = Parametrisation(torch.tensor(0.0), torch.tensor(1.0), "")
+        if update.morphed is not None:
+            unit.description = f"{'N(0,1)' if self.params.init in ('data', 'randn') else self.params.init} in the " \
+                               f"morphed input space (not an image: no data scale applies)"
+            return unit
+        if self.params.init != "data":
+            unit.description = {"randn": "N(0,1) pixels", "uniform": "U(0,1) pixels",
+                                "zeros": "0.5 everywhere"}[self.params.init]
+            return unit
+        if observation.auxiliary is None or len(observation.auxiliary) == 0:
+            raise AttackError(f"{self.registry_name} with init=data needs the auxiliary split's statistics; the "
+                              f"observation holds no auxiliary data (use init=randn)")
+        images = observation.auxiliary.images.float()
+        mean = images.mean(dim=(0, 2, 3)).reshape(1, -1, 1, 1)
+        std = images.std(dim=(0, 2, 3)).reshape(1, -1, 1, 1).clamp_min(1e-3)
+        return Parametrisation(mean, std, "the auxiliary split's per-channel mean + std x N(0,1), steps in those "
+                                          f"units (mean {mean.flatten().tolist()}, std {std.flatten().tolist()})")
+
+    def _recover_labels(self, update: GradientUpdate, observation: Observation
+                        ) -> tuple[str, torch.Tensor | None, str]:
+        """(rule used, fixed labels int64 [B] or None for joint soft labels, a note for the row)."""
+        rule = self.params.label
+        note = ""
+        if rule == "auto":
+            rule = "analytic" if update.batch_size == 1 else "count"
+            if rule == "count":
+                try:
+                    label_recovery.last_layer(update)
+                except AttackError as exc:
+                    rule, note = "joint", f"count rule not applicable ({exc}): joint soft labels instead"
+        if rule == "analytic":
+            return rule, analytic_label(update), note
+        if rule == "yin":
+            return rule, label_recovery.yin_labels(update, mean_scale(update)), note
+        if rule == "count":
+            if update.morphed is None and observation.auxiliary is not None and len(observation.auxiliary):
+                probe, note = observation.auxiliary.images[:256].float(), "mean softmax estimated on 256 auxiliary images"
+            else:
+                generator = torch.Generator().manual_seed(self.seed)
+                probe = torch.randn((64, *update.input_shape), generator=generator)
+                note = "mean softmax estimated on 64 N(0,1) inputs (no auxiliary data in the model's input space)"
+            return rule, label_recovery.count_labels(update, mean_scale(update), probe), note
+        return rule, None, note
 
     def _prior_guess(self, update: GradientUpdate) -> AttackOutput:
         """No plaintext to invert: mid-gray images and class 0, what an attacker guesses knowing nothing."""
@@ -261,48 +359,71 @@ class GradientInversion(Attack):
             "read_as_image": "reconstructed the morphed input t, then unpadded it as an image (naive reading)"}
 
     # -- internals ----------------------------------------------------------
-    def _init_images(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-        if self.params.init == "randn":
+    def _start(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """The initial optimised variable (normalised units for init=data, pixels otherwise)."""
+        if self.params.init in ("data", "randn"):
             return torch.randn(shape, generator=generator)
         if self.params.init == "uniform":
             return torch.rand(shape, generator=generator)
         return torch.full(shape, 0.5)
 
-    def _invert(self, update, fixed_labels, generator, max_evals, progress):
+    def group_term(self, pixels: torch.Tensor) -> torch.Tensor | float:
+        """A coupling between the jointly optimised candidates ``pixels`` [G, B, C, H, W] (none here)."""
+        return 0.0
+
+    def _invert(self, update: GradientUpdate, fixed_labels: torch.Tensor | None, generator: torch.Generator,
+                max_evals: int | None, progress: Progress | None, scale: Parametrisation) -> Candidate:
+        """One run: ``groups`` candidates optimised jointly; returns the best candidate at the best iterate."""
         p = self.params
+        groups = self.groups
         model = update.model
         params = [q for q in model.parameters() if q.requires_grad]
         target = mean_scale(update)
-        distance_fn = self.gradient_distance
         shape = (update.batch_size, *update.input_shape)
         image_input = update.morphed is None  # image priors (box, TV) only where the input is an image
         boxed, tv_weight = p.boxed and image_input, p.tv_weight if image_input else 0.0
-        x = self._init_images(shape, generator).requires_grad_(True)
+        z = self._start((groups, *shape), generator).requires_grad_(True)
+        if boxed:
+            with torch.no_grad():
+                scale.clamp_(z)
         y = None
-        leaves = [x]
+        leaves = [z]
         if fixed_labels is None:
-            y = torch.randn((update.batch_size, update.num_classes), generator=generator).requires_grad_(True)
+            y = torch.randn((groups, update.batch_size, update.num_classes), generator=generator).requires_grad_(True)
             leaves.append(y)
         evals = 0
         limit = max_evals if max_evals is not None else float("inf")
+        best: dict = {"total": float("inf")}
 
         def objective() -> torch.Tensor:
             nonlocal evals
-            if evals + p.eot_samples > limit:
+            if evals + groups * p.eot_samples > limit:
                 raise _BudgetExhausted
-            evals += p.eot_samples  # each encoder sample is one gradient evaluation of the target model
-            value = 0.0
-            for _ in range(p.eot_samples):
-                dummy = dummy_update(model, params, x, fixed_labels if y is None else y, update.rule)
-                value = value + distance_fn(dummy, target) / p.eot_samples
-            if tv_weight:
-                value = value + tv_weight * total_variation(x)
-            grads = torch.autograd.grad(value, leaves)
+            evals += groups * p.eot_samples  # each candidate's dummy update is one gradient evaluation per sample
+            pixels = scale.pixels(z)
+            per_group = []
+            for g in range(groups):
+                value = 0.0
+                for _ in range(p.eot_samples):
+                    dummy = dummy_update(model, params, pixels[g], fixed_labels if y is None else y[g], update.rule)
+                    value = value + self.gradient_distance(dummy, target) / p.eot_samples
+                if tv_weight:
+                    value = value + tv_weight * total_variation(pixels[g])
+                if image_input:
+                    value = value + self.prior(pixels[g])
+                per_group.append(value)
+            total = sum(per_group) + (self.group_term(pixels) if groups > 1 and image_input else 0.0)
+            grads = torch.autograd.grad(total, leaves)
             for leaf, grad in zip(leaves, grads, strict=True):
                 leaf.grad = grad
             if p.signed:
-                x.grad.sign_()
-            return value.detach()
+                z.grad.sign_()
+            value = float(total.detach())
+            best["last"] = value
+            if value < best["total"]:  # NaN never compares smaller: a diverged iterate is never kept
+                best.update(total=value, groups=[float(v.detach()) if torch.is_tensor(v) else float(v) for v in per_group], pixels=pixels.detach().clone(),
+                            labels=None if y is None else y.detach().clone())
+            return total.detach()
 
         if p.optimizer == "lbfgs":
             opt = torch.optim.LBFGS(leaves, lr=p.lr, max_iter=p.lbfgs_max_iter, line_search_fn="strong_wolfe")
@@ -323,7 +444,7 @@ class GradientInversion(Attack):
                     opt.step()
                 if boxed:
                     with torch.no_grad():
-                        x.clamp_(0, 1)
+                        scale.clamp_(z)
                 if scheduler is not None:
                     scheduler.step()
                 if progress and (step % 10 == 0 or step == p.steps - 1):
@@ -335,16 +456,27 @@ class GradientInversion(Attack):
                     previous = value
         except _BudgetExhausted:
             pass
-        return x.detach(), (None if y is None else y.detach()), evals
+        if "pixels" not in best:  # not one finite evaluation (budget below one evaluation, or NaN from the start)
+            with torch.no_grad():
+                best.update(total=float("inf"), groups=[float("inf")] * groups, pixels=scale.pixels(z).detach(),
+                            labels=None if y is None else y.detach())
+        return self._pick(best, evals, update, fixed_labels, scale)
 
-    def _final_distance(self, update, images, labels_or_logits) -> float:
-        """Gradient distance (without prior) of the final images: the attacker's restart score."""
+    def _pick(self, best: dict, evals: int, update: GradientUpdate, fixed_labels: torch.Tensor | None,
+              scale: Parametrisation) -> Candidate:
+        """The group with the lowest objective at the best iterate."""
+        g = min(range(len(best["groups"])), key=lambda i: best["groups"][i])
+        labels = None if best["labels"] is None else best["labels"][g]
+        return Candidate(best["pixels"][g], labels, best["groups"][g], evals, best.get("last", float("nan")))
+
+    def _gradient_distance_at(self, update, inputs, labels_or_logits) -> float:
+        """Gradient distance (without priors) of ``inputs``: reported in the row."""
         model = update.model
         params = [q for q in model.parameters() if q.requires_grad]
-        images = torch.nan_to_num(images, nan=0.5)
+        inputs = torch.nan_to_num(inputs, nan=0.5)
         value = 0.0
         for _ in range(self.params.eot_samples):
-            dummy = dummy_update(model, params, images, labels_or_logits, update.rule, create_graph=False)
+            dummy = dummy_update(model, params, inputs, labels_or_logits, update.rule, create_graph=False)
             value += float(self.gradient_distance(dummy, mean_scale(update))) / self.params.eot_samples
         return value if value == value else float("inf")
 

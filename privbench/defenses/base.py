@@ -176,8 +176,9 @@ def model_at_round(target: Target, build_model: Callable[[], nn.Module], round_:
     return model.train()
 
 
-def client_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The plain client update: d(mean cross-entropy)/d(param) in train mode, per parameter.
+def client_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     bn_mode: str = "train") -> tuple[torch.Tensor, ...]:
+    """The plain client update: d(mean cross-entropy)/d(param) with BatchNorm in ``bn_mode``, per parameter.
 
     ``images`` float [B, C, H, W] in [0, 1], ``labels`` int64 [B]. This is the
     single definition of the GRADIENTS quantity that defenses then transform.
@@ -185,28 +186,66 @@ def client_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     """
     import copy
 
-    work = copy.deepcopy(model).train()
+    work = copy.deepcopy(model).train(bn_mode == "train")
     params = [p for p in work.parameters() if p.requires_grad]
     loss = F.cross_entropy(work(images), labels)
     return tuple(g.detach() for g in torch.autograd.grad(loss, params))
 
 
-def gradient_observation(
-    model: nn.Module, gradients: tuple[torch.Tensor, ...], victim: Victim, ctx: FitContext,
-    rule: UpdateRule | None = None, **notes: Any
-) -> Observation:
-    """The GRADIENTS observation of ``gradients`` shared under ``model`` (handed over as a fresh copy in
-    train mode) by the update ``rule`` (default: the plain mean gradient); ``notes`` go to the row."""
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def shared_bn_buffers(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every buffer of ``model`` after one train-mode forward pass on ``inputs`` (a client's local step):
+    the BatchNorm running statistics then mix in the batch's per-channel mean and unbiased variance."""
     import copy
 
+    work = copy.deepcopy(model).train()
+    with torch.no_grad():
+        work(inputs)
+    return tuple(b.detach().clone() for b in work.buffers())
+
+
+def gradient_protocol_note(config: Any, model: nn.Module) -> str:
+    """The BatchNorm protocol of a gradient observation, as the row states it."""
+    if not has_batchnorm(model):
+        return f"no BatchNorm in the model (bn_mode={config.bn_mode}, bn_buffers={config.bn_buffers} do not apply)"
+    mode = ("train mode (the victim batch's statistics)" if config.bn_mode == "train"
+            else "eval mode (the global running statistics)")
+    shared = ("shared with the update" if config.bn_buffers == "shared" and config.bn_mode == "train"
+              else "unchanged by an eval-mode step, so they reveal nothing" if config.bn_mode == "eval"
+              else "kept private by the client")
+    return f"BatchNorm in {mode}; the client's updated buffers {shared}"
+
+
+def gradient_observation(
+    model: nn.Module, gradients: tuple[torch.Tensor, ...], victim: Victim, ctx: FitContext,
+    rule: UpdateRule | None = None, inputs: torch.Tensor | None = None, **notes: Any
+) -> Observation:
+    """The GRADIENTS observation of ``gradients`` shared under ``model`` by the update ``rule`` (default: the
+    plain mean gradient), under the run's BatchNorm protocol (``ctx.config.bn_mode``, ``bn_buffers``): the
+    model is handed over as a fresh copy in that mode, with the client's updated buffers when they are
+    shared (computed from ``inputs``, the batch as the model takes it; default the victim's images).
+    ``notes`` go to the row."""
+    import copy
+
+    config = ctx.config
+    bn_mode = getattr(config, "bn_mode", "train")
+    buffers: tuple[torch.Tensor, ...] = ()
+    if has_batchnorm(model) and bn_mode == "train" and getattr(config, "bn_buffers", "shared") == "shared":
+        buffers = shared_bn_buffers(model, victim.images if inputs is None else inputs)
+    notes = {"gradient_protocol": gradient_protocol_note(config, model), **notes}
     update = GradientUpdate(
-        model=copy.deepcopy(model).train(),
+        model=copy.deepcopy(model).train(bn_mode == "train"),
         gradients=tuple(g.detach().clone() for g in gradients),
         batch_size=len(victim.labels),
         input_shape=tuple(victim.images.shape[1:]),
         num_classes=ctx.nonmembers.num_classes,
         round=ctx.config.gradient_round,
         rule=rule or UpdateRule(),
+        buffers=buffers,
+        bn_mode=bn_mode,
     )
     return Observation(surface=Surface.GRADIENTS, gradient_update=update, notes=dict(notes))
 

@@ -423,5 +423,5 @@ class FixedArchitectureTraining(Defense):
     def observe(self, surface: Surface, target: Target, victim: Victim, ctx: FitContext) -> Observation:
         if surface is Surface.GRADIENTS:
             model = model_at_round(target, lambda: fix_model(ctx.build_model())[0], ctx.config.gradient_round)
-            return gradient_observation(model, client_gradients(model, victim.images, victim.labels), victim, ctx)
+            return gradient_observation(model, client_gradients(model, victim.images, victim.labels, ctx.config.bn_mode), victim, ctx)
         return released_model_observation(surface, target, "dp")

@@ -432,9 +432,10 @@ class MpLe(Defense):
             public_kernel=None if self.params.cr_secret else conv.weight.detach().clone(),
         )
         if surface is Surface.GRADIENTS:
-            gradients = client_gradients(service, morphed.reshape(len(morphed), 1, 1, -1), victim.labels)
+            inputs = morphed.reshape(len(morphed), 1, 1, -1)
+            gradients = client_gradients(service, inputs, victim.labels, ctx.config.bn_mode)
             observation = gradient_observation(
-                service, gradients, victim, ctx, observer="outside eavesdropper on the service's training updates",
+                service, gradients, victim, ctx, inputs=inputs, observer="outside eavesdropper on the service's training updates",
                 input_space="morphed vectors t [1, 1, D]; the service model carries C_ac",
                 c_r="secret" if self.params.cr_secret else "public",
                 note="the service provider itself holds t: for it a gradient attack adds nothing to the mple-* attacks",

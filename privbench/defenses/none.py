@@ -48,5 +48,5 @@ class NoDefense(Defense):
     def observe(self, surface: Surface, target: Target, victim: Victim | None, ctx: FitContext) -> Observation:
         if surface is Surface.GRADIENTS:
             model = model_at_round(target, ctx.build_model, ctx.config.gradient_round)
-            return gradient_observation(model, client_gradients(model, victim.images, victim.labels), victim, ctx)
+            return gradient_observation(model, client_gradients(model, victim.images, victim.labels, ctx.config.bn_mode), victim, ctx)
         return released_model_observation(surface, target, "none")

@@ -17,6 +17,9 @@ line where it can be found, and a did-you-mean. Layout::
     target_seed = 0                  # one trained target per cell, attacked through every seed
     [run.budget]
     max_grad_evals = 500
+    [run.grid]                       # every combination of these RunConfig fields (protocol settings)
+    victim_batch = [1, 4]
+    bn_mode = ["train", "eval"]
 
     [[defenses]]                     # a defense may appear several times
     name = "dp"
@@ -37,7 +40,8 @@ line where it can be found, and a did-you-mean. Layout::
     attack = "invgrad-mple"          # only where the other keys match
     defense = "mple"
 
-Rule keys are ``defense``, ``attack``, ``model`` and ``dataset``, each a name or a list of names.
+Rule keys are ``defense``, ``attack``, ``model`` and ``dataset``, each a name or a list of names, and
+the keys of ``[run.grid]``, each a value or a list of values.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig)
                  if f.name not in ("defense", "attack", "defense_params", "attack_params", "seed"))
 COMPONENT_KEYS = ("name", "params", "grid", "models")
 RULE_KEYS = ("defense", "attack", "model", "dataset")
+GRID_RUN_KEYS = tuple(k for k in RUN_KEYS if k not in ("budget", "split", "model_params", "dataset", "model"))
 TOP_KEYS = ("suite", "run", "defenses", "attacks", "exclude", "only")
 MAX_SEEDS = 100_000
 
@@ -144,7 +149,8 @@ def load(path: str | Path, *, resolve_components: bool = True) -> SuiteSpec:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
         raise where.error("name", f"[suite].name must be a short name (letters, digits, . _ -), got {name!r}")
     run = dict(_table(data, "run", where))
-    _check_keys(run, RUN_KEYS, where, "[run]")
+    _check_keys(run, (*RUN_KEYS, "grid"), where, "[run]")
+    run_grid = _run_grid(run.pop("grid", {}), where)
     seeds = parse_seeds(suite.get("seeds", [0]), where)
     datasets = _names(suite.get("datasets", [run.pop("dataset", RunConfig.dataset)]), where, "datasets")
     run.pop("dataset", None)
@@ -155,8 +161,9 @@ def load(path: str | Path, *, resolve_components: bool = True) -> SuiteSpec:
     attacks = _components(data, "attacks", registry.attacks, where, resolve_components)
     for dataset in datasets:
         _check_dataset(dataset, where)
-    rules = {kind: _rules(data, kind, where) for kind in ("exclude", "only")}
+    rules = {kind: _rules(data, kind, where, tuple(run_grid)) for kind in ("exclude", "only")}
     base = _base_config(run, where)
+    variants = [dict(zip(run_grid, values, strict=True)) for values in itertools.product(*run_grid.values())]
 
     jobs: list[Job] = []
     for dataset in datasets:
@@ -167,12 +174,15 @@ def load(path: str | Path, *, resolve_components: bool = True) -> SuiteSpec:
                     _check_name(registry.models, model, where)
                 rule_model = model if model is not None else _default_model(d_name, rules)
                 for a_name, a_params, _ in attacks:
-                    if not _kept(rules, defense=d_name, attack=a_name, model=rule_model, dataset=dataset):
-                        continue
-                    for seed in seeds:
-                        config = _config(base, where, defense=d_name, defense_params=d_params, attack=a_name,
-                                         attack_params=a_params, dataset=dataset, model=model, seed=seed)
-                        jobs.append(Job(config))
+                    for variant in variants:
+                        if not _kept(rules, defense=d_name, attack=a_name, model=rule_model, dataset=dataset,
+                                     **{k: str(v) for k, v in variant.items()}):
+                            continue
+                        for seed in seeds:
+                            config = _config({**base, **variant}, where, defense=d_name, defense_params=d_params,
+                                             attack=a_name, attack_params=a_params, dataset=dataset, model=model,
+                                             seed=seed)
+                            jobs.append(Job(config))
     if not jobs:
         raise SpecError(f"{path}: the grid is empty (no defense x attack pair is left after [[exclude]] and "
                         f"[[only]], or a list is empty); name at least one defense, one attack and one seed")
@@ -312,16 +322,30 @@ def _components(data: Mapping[str, Any], key: str, reg: registry.Registry, where
     return out
 
 
-def _rules(data: Mapping[str, Any], kind: str, where: _Locator) -> list[dict[str, list[str]]]:
+def _run_grid(grid: Any, where: _Locator) -> dict[str, list[Any]]:
+    """``[run.grid]``: RunConfig fields -> the values each job combination takes (checked non-empty lists)."""
+    if not isinstance(grid, dict):
+        raise where.error("grid", f"[run.grid] must be a table of field = [values], got {grid!r}")
+    _check_keys(grid, GRID_RUN_KEYS, where, "[run.grid]")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise where.error(key, f"[run.grid].{key} must be a non-empty list of values, got {values!r}")
+    return dict(grid)
+
+
+def _rules(data: Mapping[str, Any], kind: str, where: _Locator, grid_keys: tuple[str, ...] = ()
+           ) -> list[dict[str, list[str]]]:
     rules = data.get(kind, [])
     if not isinstance(rules, list):
         raise where.error(kind, f"{kind} must be a list of tables ([[{kind}]])")
+    keys = (*RULE_KEYS, *grid_keys)
     out = []
     for rule in rules:
         if not isinstance(rule, dict) or not rule:
-            raise where.error(kind, f"each [[{kind}]] must be a table with some of {', '.join(RULE_KEYS)}")
-        _check_keys(rule, RULE_KEYS, where, f"[[{kind}]]")
-        out.append({k: _names(v, where, k) for k, v in rule.items()})
+            raise where.error(kind, f"each [[{kind}]] must be a table with some of {', '.join(keys)}")
+        _check_keys(rule, keys, where, f"[[{kind}]]")
+        out.append({k: _names(v, where, k) if k in RULE_KEYS else [str(x) for x in (v if isinstance(v, list) else [v])]
+                    for k, v in rule.items()})
     for rule in out:
         for key, names in rule.items():
             reg = {"defense": registry.defenses, "attack": registry.attacks, "model": registry.models}.get(key)
@@ -342,7 +366,7 @@ def _default_model(defense: str, rules: Mapping[str, list[dict[str, list[str]]]]
 
 
 def _matches(rule: Mapping[str, list[str]], **job: Any) -> bool:
-    return all(job[key] in names for key, names in rule.items())
+    return all(job.get(key) in names for key, names in rule.items())
 
 
 def _kept(rules: Mapping[str, list[dict[str, list[str]]]], **job: Any) -> bool:

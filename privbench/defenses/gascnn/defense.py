@@ -471,7 +471,7 @@ class GASCNN(Defense):
         )
         for model, purpose in ((client, "gascnn-client-encoder"), (attacker_copy, "gascnn-attacker-encoder")):
             model.generator.manual_seed(derive_seed(ctx.seeds["observe"], purpose))
-        gradients = client_gradients(client, victim.images, victim.labels)
+        gradients = client_gradients(client, victim.images, victim.labels, ctx.config.bn_mode)
         return gradient_observation(
             attacker_copy, gradients, victim, ctx,
             mechanism=f"spike-learning update of the {'released' if ctx.config.gradient_round == 'trained' else 'converted'} "

@@ -50,7 +50,15 @@ from torch import nn
 
 from privbench import registry
 from privbench.config import ConfigError, derive_seed
-from privbench.defenses.base import Defense, FitContext, Target, model_at_round, released_model_observation
+from privbench.defenses.base import (
+    Defense,
+    FitContext,
+    Target,
+    gradient_protocol_note,
+    has_batchnorm,
+    model_at_round,
+    released_model_observation,
+)
 from privbench.defenses.he import ledger as ledgerlib
 from privbench.defenses.he.protocol import (
     AGGREGATOR,
@@ -76,7 +84,7 @@ from privbench.defenses.he.schemes import (
 )
 from privbench.deps import require
 from privbench.params import bounded
-from privbench.threat import GradientUpdate, Observation, Surface, Victim
+from privbench.threat import GradientUpdate, Observation, Surface, UnsupportedPair, Victim
 from privbench.training import accuracy
 
 Scheme = Literal["ckks", "paillier", "plaintext"]
@@ -308,6 +316,11 @@ class HomomorphicFedAvg(Defense):
         if surface is not Surface.GRADIENTS:
             return released_model_observation(surface, target, "he")
         p = self.params
+        if (ctx.config.bn_mode, ctx.config.bn_buffers) != ("train", "shared") and has_batchnorm(ctx.build_model()):
+            raise UnsupportedPair(
+                f"he's FedAvg protocol computes each local step with BatchNorm in train mode and averages the "
+                f"BatchNorm buffers with the weights; bn_mode={ctx.config.bn_mode}, bn_buffers={ctx.config.bn_buffers} "
+                f"is not this protocol: use --bn-mode train --bn-buffers shared, or a model without BatchNorm")
         if p.observer == "outsider":
             derive_update(ViewLog(), OUTSIDER, 0, p.lr, p.scheme)  # raises: the outsider receives no update
         party = AGGREGATOR if p.observer == "aggregator" else hospital(0)
@@ -336,6 +349,7 @@ class HomomorphicFedAvg(Defense):
             encrypted=derived.vector is None, local_steps=p.local_steps, buffers=buffers,
         )
         notes = {
+            "gradient_protocol": gradient_protocol_note(ctx.config, model),
             "observer": p.observer,
             "party": party,
             "derived": derived.how,

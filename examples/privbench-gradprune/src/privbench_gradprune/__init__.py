@@ -129,7 +129,7 @@ class GradientPruning(Defense):
         if surface is not Surface.GRADIENTS:
             return released_model_observation(surface, target, "gradprune")
         model = model_at_round(target, ctx.build_model, ctx.config.gradient_round)
-        plain = client_gradients(model, victim.images, victim.labels)
+        plain = client_gradients(model, victim.images, victim.labels, ctx.config.bn_mode)
         shared = prune(plain, self.params.prune, self.params.scope)
         kept = sum(int((g != 0).sum()) for g in shared) / max(sum(g.numel() for g in shared), 1)
         return gradient_observation(
