@@ -39,17 +39,39 @@ wrapper has no parameters or buffers, so the parameter gradients are the shared 
 ``bias-corrected`` rule), runs ``invertinggradients`` with ``max_iterations`` = the budget (one trial, the
 config's default), and writes its reconstruction in pixels back.
 
-BatchNorm: in train mode the client's forward pass uses the batch's statistics. breaching models this when
-neither the server nor the user sends buffers (train mode, running statistics off); given buffers, it
-switches to eval mode. So in train mode no buffers are given to breaching (``invertinggradients`` has no
-use for them anyway), and in eval mode the global model's buffers go in the server payload (what the
-client computed with). The harness checks, before the attack, that breaching's model reproduces the
-shared gradient from the true batch (``gradient_check``: cosine distance ~ 0), so both sides provably
-attack the same function.
+The BatchNorm protocol is privbench's (``RunConfig.bn_mode``, ``bn_buffers``; defaults train / shared, as
+``bench run``): the privbench side takes it from the observation (``GradientUpdate.bn_mode``, ``buffers``)
+and the breaching side reproduces it. In train mode the client's forward pass uses the batch's statistics;
+breaching models this when neither the server nor the user sends buffers (train mode, running statistics
+off). Given buffers, breaching switches its model to eval mode, which would misstate a train-mode update,
+and ``invertinggradients`` has no use for them: so in train mode the shared buffers are not given to
+breaching. In eval mode the global model's buffers go in the server payload (what the client computed
+with; an eval-mode step leaves them unchanged). Before the attack the worker checks that breaching's model
+gives privbench's client gradient on a probe batch of auxiliary images (``probe_gradient_check``: cosine
+distance ~ 1e-8), so both sides provably attack the same function with the same parameters.
 
-breaching 0.1.2's ``TotalVariation`` hard-codes three channels (a grouped convolution with groups=3); on
-gray images it fails. The worker rebuilds its difference filters for the images' channel count (same
-kernels, same formula, ``scale`` 0.2 as configured) and says so in the output.
+What was configured on breaching's side, and why:
+
+- the shipped ``invertinggradients`` config unchanged (cosine objective, TV 0.2, Adam lr 0.1 on the sign
+  of the gradient, boxed to [0, 1] pixels, step-lr x0.1 at 3/8, 5/8 and 7/8 of ``max_iterations``, start
+  N(0, 1) in normalised units, best iterate by the objective, one trial scored by cosine similarity)
+  except ``optim.max_iterations`` = the budget (its one trial spends all of it: one evaluation per
+  iteration) and the log interval;
+- labels withheld (``metadata.labels`` None): breaching recovers them with its default rule
+  (``bias-corrected``); privbench uses its own (``label=auto``: iDLG for B = 1, count-based for B > 1);
+- data metadata: shape, the auxiliary split's per-channel mean and std (what privbench's attacker also
+  uses), the number of classes; the model wrapped to take normalised inputs, as above;
+- breaching 0.1.2's ``TotalVariation`` hard-codes three channels (a grouped convolution with groups=3) and
+  fails on gray images; the worker rebuilds its difference filters for the images' channel count (same
+  kernels, same formula, ``scale`` 0.2 as configured) and says so in the output. Its TV acts on the
+  normalised values, so on data with pixel std s it weighs 1/s times privbench's TV 0.2 on pixels
+  (brain-tumor-mri 32x32: s = 0.166, about 6x);
+- the seed: ``torch.manual_seed(seed)`` before ``reconstruct`` (breaching draws its start from torch's
+  global generator).
+
+privbench's ``invgrad`` runs with its defaults at ``--max-grad-evals`` = the budget: 2 restarts of half the
+budget each, its lr drops placed on ``steps`` = 2,000 (so a restart of 1,000 evaluations gets the first drop
+only), the better restart by its objective.
 
 Output: a Markdown table (setting | privbench median PSNR / SSIM | breaching median PSNR / SSIM | mean-image
 baseline | final cosine gradient distances) and ``--out`` JSON with every figure, per victim and per case.
