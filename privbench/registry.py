@@ -311,6 +311,7 @@ attacks: Registry = Registry(
         "invgrad": "privbench.attacks.gradient_inversion",
         "invgrad-snn": "privbench.attacks.gradient_inversion",
         "dlg-snn": "privbench.attacks.gradient_inversion",
+        "gradinversion": "privbench.attacks.gradinversion",
         "loss-threshold": "privbench.attacks.membership",
         "shadow": "privbench.attacks.membership",
         "lira": "privbench.attacks.membership",

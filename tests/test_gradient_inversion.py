@@ -127,3 +127,41 @@ def test_distances_and_prior():
     step = torch.zeros(1, 1, 4, 4)
     step[..., 2:] = 1
     assert total_variation(step).item() == pytest.approx(1 / 3)
+
+
+def _resnet_update(data, bn_buffers: str, labels=(0, 1, 2, 3)):
+    from privbench.defenses.base import shared_bn_buffers
+
+    images = data.images[:4]
+    model = build_model("resnet", {}, 1, 16, data.num_classes, 2).train()
+    buffers = shared_bn_buffers(model, images) if bn_buffers == "shared" else ()
+    grads = client_gradients(model, images, torch.tensor(labels))
+    return images, GradientUpdate(model, grads, 4, (1, 16, 16), data.num_classes, "init", buffers=buffers)
+
+
+def test_gradinversion_targets_the_victim_batch_statistics_from_shared_buffers(data):
+    images, update = _resnet_update(data, "shared")
+    attack = _attack("gradinversion")
+    attack.prepare(Observation(Surface.GRADIENTS, update), update)
+    assert "derived from the shared BatchNorm buffers" in attack.describe()["bn_prior"]
+    first = attack._targets[0]
+    with torch.no_grad():
+        activations = update.model.stem[0](images)
+    torch.testing.assert_close(first.mean, activations.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(first.var, activations.var(dim=(0, 2, 3), unbiased=True), atol=1e-5, rtol=1e-3)
+    # the victim's own images satisfy the prior (up to float error); a random batch does not
+    attack._model = update.model
+    with torch.no_grad():
+        assert float(attack.prior(images)) < 1e-3 * float(attack.prior(torch.rand_like(images)))
+
+    _, private = _resnet_update(data, "private")
+    attack.prepare(Observation(Surface.GRADIENTS, private), private)
+    assert "running statistics" in attack.describe()["bn_prior"]
+
+
+def test_gradinversion_beats_the_trivial_guess_and_keeps_to_its_budget(victim):
+    obs = _observation("convnet", victim)
+    out = _attack("gradinversion", steps=150, groups=2).run(obs, Budget(max_grad_evals=301))
+    assert out.grad_evals <= 301
+    flat = torch.full_like(victim[0], float(victim[0].mean()))
+    assert psnr(out.images, victim[0]).item() > psnr(flat, victim[0]).item() + 3

@@ -100,6 +100,22 @@ defense = "mple"
     assert speclib.parse_seeds(["0-2", 5, "7"]) == [0, 1, 2, 5, 7]
 
 
+def test_run_grid_crosses_protocol_settings_and_rules_can_name_them(tmp_path):
+    text = TINY.replace("[run.budget]", "[run.grid]\nvictim_batch = [1, 4]\nbn_mode = [\"train\", \"eval\"]\n"
+                        "[run.budget]") + """
+[[exclude]]
+bn_mode = "eval"
+victim_batch = 4
+"""
+    spec = speclib.load(_spec(tmp_path, text))
+    settings = {(j.config.victim_batch, j.config.bn_mode) for j in spec.jobs}
+    assert settings == {(1, "train"), (4, "train"), (1, "eval")}
+    assert len(spec.jobs) == GRID * 3
+    bad = text.replace("bn_mode = [", "bn_mod = [")
+    with pytest.raises(speclib.SpecError, match="Did you mean 'bn_mode'"):
+        speclib.load(_spec(tmp_path, bad, name="bad.toml"))
+
+
 BAD_SPECS = {
     "unknown defense": (('name = "dp"\nmodels', 'name = "dpp"\nmodels'), "'dp'"),
     "unknown parameter": (("params = { epochs = 1 }\n\n[[defenses]]", "params = { epocs = 1 }\n\n[[defenses]]"),

@@ -265,3 +265,44 @@ def test_the_import_graph_check_sees_a_violation(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "PACKAGE", tmp_path / "privbench")
     assert _violations("attacks", ("privbench.defenses",)) == ["privbench/attacks/bad.py imports privbench.defenses.mple",
                                                               "privbench/attacks/bad.py imports privbench.defenses.mple.MpLe"]
+
+
+def _protocol_observation(parts, bn_mode: str, bn_buffers: str):
+    model = build_model("resnet", {}, 1, SIZE, 4, seed=1)
+    victim = _victim(parts)
+    cfg = RunConfig(model="resnet", image_size=SIZE, bn_mode=bn_mode, bn_buffers=bn_buffers)
+    ctx = FitContext(config=cfg, build_model=lambda: copy.deepcopy(model), nonmembers=parts.nonmembers,
+                     seeds=cfg.derived_seeds())
+    gradients = client_gradients(model, victim.images, victim.labels, bn_mode)
+    return model, victim, gradient_observation(model, gradients, victim, ctx)
+
+
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_the_batchnorm_mode_is_the_protocols_and_the_attacker_models_it(parts, bn_mode):
+    """The update is computed in the stated mode; the handed model is in that mode, so a dummy update of the
+    victim's own images reproduces the shared one exactly."""
+    model, victim, observation = _protocol_observation(parts, bn_mode, "private")
+    update = observation.gradient_update
+    assert update.bn_mode == bn_mode and update.model.training == (bn_mode == "train")
+    params = [q for q in update.model.parameters() if q.requires_grad]
+    dummy = dummy_update(update.model, params, victim.images, victim.labels, update.rule, create_graph=False)
+    for d, g in zip(dummy, mean_scale(update), strict=True):
+        torch.testing.assert_close(d, g)
+    other = client_gradients(model, victim.images, victim.labels, "eval" if bn_mode == "train" else "train")
+    assert not all(torch.allclose(a, b) for a, b in zip(other, update.gradients, strict=True))
+    assert f"{bn_mode} mode" in observation.notes["gradient_protocol"]
+
+
+def test_shared_buffers_reveal_the_victim_batch_statistics_and_private_ones_nothing(parts):
+    model, victim, shared = _protocol_observation(parts, "train", "shared")
+    update = shared.gradient_update
+    named = dict(zip((n for n, _ in update.model.named_buffers()), update.buffers, strict=True))
+    bn, momentum = model.stem[1], model.stem[1].momentum
+    batch_mean = (named["stem.1.running_mean"] - (1 - momentum) * bn.running_mean) / momentum
+    with torch.no_grad():
+        true_mean = model.stem[0](victim.images).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(batch_mean, true_mean, atol=1e-5, rtol=1e-4)
+    assert "shared with the update" in shared.notes["gradient_protocol"]
+    for bn_mode, bn_buffers in (("train", "private"), ("eval", "shared")):
+        _, _, observation = _protocol_observation(parts, bn_mode, bn_buffers)
+        assert observation.gradient_update.buffers == ()

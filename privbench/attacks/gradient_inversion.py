@@ -218,6 +218,7 @@ class GradientInversion(Attack):
     stochastic = True  # random starts (images, soft labels) drawn from the attack seed
     tiny_params = {"steps": 2, "restarts": 2, "lbfgs_max_iter": 4}
     groups = 1  # candidates optimised jointly per run (GradInversion's group consistency uses several)
+    final_evals = 0  # gradient evaluations a run keeps back for choosing among its candidates (``_pick``)
 
     def run(self, observation: Observation, budget: Budget, progress: Progress | None = None) -> AttackOutput:
         update = observation.gradient_update
@@ -393,6 +394,7 @@ class GradientInversion(Attack):
             leaves.append(y)
         evals = 0
         limit = max_evals if max_evals is not None else float("inf")
+        limit -= self.final_evals  # kept for the choice among the candidates after the loop
         best: dict = {"total": float("inf")}
 
         def objective() -> torch.Tensor:

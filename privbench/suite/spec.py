@@ -91,7 +91,14 @@ class Job:
         attack_params = ",".join(f"{k}={v}" for k, v in c.attack_params)
         defense = f"{c.defense}[{params}]" if params else c.defense
         attack = f"{c.attack}[{attack_params}]" if attack_params else c.attack
-        return f"{defense} x {attack} {c.dataset}/{c.model or 'default'} seed {c.seed}"
+        setting = "".join(f" {label}={getattr(c, key)}" for key, label, default in _SETTING_LABELS
+                          if getattr(c, key) != default)
+        return f"{defense} x {attack} {c.dataset}/{c.model or 'default'}{setting} seed {c.seed}"
+
+
+# Run settings a job's name shows when they differ from the default (what a [run.grid] varies most often).
+_SETTING_LABELS = (("victim_batch", "B", 1), ("bn_mode", "bn", "train"), ("bn_buffers", "buffers", "shared"),
+                   ("gradient_round", "round", "init"))
 
 
 @dataclass(frozen=True)
