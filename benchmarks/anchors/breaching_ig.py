@@ -73,6 +73,23 @@ privbench's ``invgrad`` runs with its defaults at ``--max-grad-evals`` = the bud
 budget each, its lr drops placed on ``steps`` = 2,000 (so a restart of 1,000 evaluations gets the first drop
 only), the better restart by its objective.
 
+Measured (main 2716bbd, whose invgrad is the final one; 3 seeds, 2,000 evaluations, round init, BatchNorm
+buffers shared; medians over victim images; one torch thread on a shared 2-core machine)::
+
+    | setting                       | privbench PSNR / SSIM | breaching PSNR / SSIM | mean image | cosine p / b  | labels p / b |
+    | ResNet-8, BN train, B=1 (n=3) | 13.2 / 0.04           | 17.4 / 0.15           | 19.1 / 0.28 | 0.230 / 0.230 | 1.00 / 1.00 |
+    | ResNet-8, BN eval, B=1 (n=3)  | 17.1 / 0.15           | 17.4 / 0.15           | 19.1 / 0.28 | 0.006 / 0.015 | 1.00 / 1.00 |
+    | ResNet-8, BN train, B=4 (n=12)| 12.9 / 0.10           | 17.9 / 0.21           | 20.3 / 0.34 | 0.148 / 0.196 | 1.00 / 0.67 |
+    | ConvNet, B=1 (n=3)            | 27.8 / 0.75           | 26.5 / 0.68           | 19.1 / 0.28 | 0.004 / 0.025 | 1.00 / 1.00 |
+
+In BatchNorm train mode both match the gradient about equally (B=1: cosine 0.230 each) or privbench better
+(B=4), yet breaching's images score higher: its TV prior, on normalised values, is about 6x privbench's in
+pixel units and keeps the image flat and near the mean brightness. privbench's invgrad with
+``--attack-param tv_weight=1.2`` (0.2 / 0.166) on the same three B=1 victims gives PSNR 19.6 / 16.6 / 16.0
+and SSIM 0.19 / 0.12 / 0.15 (breaching 19.2 / 17.4 / 16.2). No ResNet-8 setting beats the mean image
+with either library. breaching's ``bias-corrected`` label rule returns four copies of the majority class for
+every B=4 batch here (8 of 12 labels); privbench's count rule recovers all 12.
+
 Output: a Markdown table (setting | privbench median PSNR / SSIM | breaching median PSNR / SSIM | mean-image
 baseline | final cosine gradient distances) and ``--out`` JSON with every figure, per victim and per case.
 Medians are over victim images (B images per seed). The cosine distance is given as each library reports
