@@ -1,3 +1,3 @@
 """privbench: benchmark privacy attacks against privacy defenses on medical images."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

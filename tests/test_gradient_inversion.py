@@ -165,3 +165,11 @@ def test_gradinversion_beats_the_trivial_guess_and_keeps_to_its_budget(victim):
     assert out.grad_evals <= 301
     flat = torch.full_like(victim[0], float(victim[0].mean()))
     assert psnr(out.images, victim[0]).item() > psnr(flat, victim[0]).item() + 3
+
+
+def test_the_learning_rate_schedule_fits_inside_the_budget(victim):
+    """2,000 scheduled steps but 100 evaluations per restart: the drops fall at 3/8, 5/8, 7/8 of 100 steps."""
+    attack = _attack("invgrad", steps=2000, restarts=2)
+    out = attack.run(_observation("convnet", victim), Budget(max_grad_evals=200))
+    assert out.info["steps_per_restart"] == 100 and out.grad_evals == 200
+    assert attack.schedule_steps(float("inf")) == 2000

@@ -292,10 +292,11 @@ def _solve(victims: list[_Victim], budget: Budget, progress: Progress | None) ->
         raise _NotVectorisable(f"the objective cannot be vectorised with torch.func ({type(exc).__name__}: "
                                f"{exc})") from exc
     best = _Best(len(victim_of))
+    steps = first.attack.schedule_steps(limit)  # Adam: the steps that fit the budget (lr drops inside it)
     if p.optimizer == "adam":
-        z, y, evals, stopped = _adam(objective, best, z0, y0, p, limit, boxed, progress)
+        z, y, evals, stopped = _adam(objective, best, z0, y0, p, steps, limit, boxed, progress)
     else:
-        z, y, evals, stopped = _lbfgs(objective, best, z0, y0, p, limit, boxed, progress)
+        z, y, evals, stopped = _lbfgs(objective, best, z0, y0, p, steps, limit, boxed, progress)
     seconds = time.perf_counter() - start
     final_pixels = objective.pixels(None, z)
     best_pixels = None if best.z is None else objective.pixels(None, best.z)
@@ -313,7 +314,7 @@ def _solve(victims: list[_Victim], budget: Budget, progress: Progress | None) ->
                     runs.append(Candidate(final_pixels[k], None if y is None else y[k], float("inf"), evals[k],
                                           float(best.last[k])))
             output = attack._output(victim.observation, update, runs, victim.rule, victim.fixed_labels,
-                                    victim.label_note, victim.scale)
+                                    victim.label_note, victim.scale, per_restart)
         except Exception as exc:  # noqa: BLE001 - that victim's row only
             outputs.append(exc)
             continue
@@ -329,8 +330,8 @@ def _solve(victims: list[_Victim], budget: Budget, progress: Progress | None) ->
     return outputs
 
 
-def _adam(objective: _Objective, best: _Best, z0: torch.Tensor, y0: torch.Tensor | None, p: Any, limit: float,
-          boxed: bool, progress: Progress | None
+def _adam(objective: _Objective, best: _Best, z0: torch.Tensor, y0: torch.Tensor | None, p: Any, steps: int,
+          limit: float, boxed: bool, progress: Progress | None
           ) -> tuple[torch.Tensor, torch.Tensor | None, list[int], list[str]]:
     """Adam (elementwise, so stacking problems changes nothing per problem) on [P, ...] leaves, in lockstep:
     every problem has the same step schedule and budget, so all stop together."""
@@ -343,11 +344,11 @@ def _adam(objective: _Objective, best: _Best, z0: torch.Tensor, y0: torch.Tensor
         y = y0.clone().requires_grad_(True)
         leaves.append(y)
     opt = torch.optim.Adam(leaves, lr=p.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=lr_milestones(p.steps), gamma=0.1) \
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=lr_milestones(steps), gamma=0.1) \
         if p.lr_drops else None
     evals = 0
     stopped = "steps done"
-    for step in range(p.steps):
+    for step in range(steps):
         if evals + 1 > limit:
             stopped = "budget"
             break
@@ -364,13 +365,13 @@ def _adam(objective: _Objective, best: _Best, z0: torch.Tensor, y0: torch.Tensor
                 z.copy_(objective.clamp(None, z))
         if scheduler is not None:
             scheduler.step()
-        if progress and (step % 10 == 0 or step == p.steps - 1):
-            progress(step + 1, p.steps)
+        if progress and (step % 10 == 0 or step == steps - 1):
+            progress(step + 1, steps)
     return z.detach(), (None if y is None else y.detach()), [evals] * problems, [stopped] * problems
 
 
-def _lbfgs(objective: _Objective, best: _Best, z0: torch.Tensor, y0: torch.Tensor | None, p: Any, limit: float,
-           boxed: bool, progress: Progress | None
+def _lbfgs(objective: _Objective, best: _Best, z0: torch.Tensor, y0: torch.Tensor | None, p: Any, steps: int,
+           limit: float, boxed: bool, progress: Progress | None
            ) -> tuple[torch.Tensor, torch.Tensor | None, list[int], list[str]]:
     """L-BFGS per problem in lockstep on the flat vectors [z, y] (the order torch.optim.LBFGS flattens the
     sequential attack's leaves in)."""
@@ -395,7 +396,7 @@ def _lbfgs(objective: _Objective, best: _Best, z0: torch.Tensor, y0: torch.Tenso
         point[:nz] = objective.clamp(ids, point[:nz].reshape(1, *z_shape)).reshape(-1)
         return point
 
-    settings = lbfgs_batched.LBFGSSettings(steps=p.steps, lr_at=_lr_schedule(p), max_iter=p.lbfgs_max_iter)
+    settings = lbfgs_batched.LBFGSSettings(steps=steps, lr_at=_lr_schedule(p, steps), max_iter=p.lbfgs_max_iter)
     result = lbfgs_batched.minimise(start, evaluate, settings, [limit] * problems, cost=1,
                                     after_step=clamp if boxed else None, progress=progress)
     points = result.points
@@ -404,15 +405,15 @@ def _lbfgs(objective: _Objective, best: _Best, z0: torch.Tensor, y0: torch.Tenso
     return z, y, result.evals, result.stopped
 
 
-def _lr_schedule(p: Any):
-    """The learning rate of each optimiser step as the sequential attack's scheduler sets it."""
+def _lr_schedule(p: Any, steps: int):
+    """The learning rate of each of ``steps`` optimiser steps as the sequential attack's scheduler sets it."""
     if not p.lr_drops:
         return lambda step: p.lr
     dummy = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([dummy], lr=p.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=lr_milestones(p.steps), gamma=0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=lr_milestones(steps), gamma=0.1)
     rates = []
-    for _ in range(p.steps):
+    for _ in range(steps):
         rates.append(opt.param_groups[0]["lr"])
         scheduler.step()
     return lambda step: rates[step]

@@ -268,7 +268,7 @@ class GradientInversion(Attack):
         for restart in range(p.restarts):
             part = substage(progress, f"restart {restart + 1}/{p.restarts}", restart * p.steps, p.restarts * p.steps)
             runs.append(self._invert(update, fixed_labels, generator, per_restart, part, scale))
-        return self._output(observation, update, runs, rule, fixed_labels, label_note, scale)
+        return self._output(observation, update, runs, rule, fixed_labels, label_note, scale, per_restart)
 
     @classmethod
     def run_cell(cls, attacks: list[Attack], observations: list[Observation], budget: Budget,
@@ -280,7 +280,8 @@ class GradientInversion(Attack):
         return batched.run_cell(attacks, observations, budget, progress)
 
     def _output(self, observation: Observation, update: GradientUpdate, runs: list[Candidate], rule: str,
-                fixed_labels: torch.Tensor | None, label_note: str, scale: Parametrisation) -> AttackOutput:
+                fixed_labels: torch.Tensor | None, label_note: str, scale: Parametrisation,
+                per_restart: int | None) -> AttackOutput:
         """The run's output from its restarts' candidates: the restart with the lowest objective.
 
         Raises AttackDiverged when no restart had a finite objective value (nothing to choose: the row is
@@ -306,6 +307,8 @@ class GradientInversion(Attack):
                 "restart_objectives": [r.objective for r in runs],
                 "restart_last_objectives": [r.last_objective for r in runs],
                 "restart_grad_evals": [r.evals for r in runs],
+                "steps_per_restart": self.schedule_steps(float("inf") if per_restart is None
+                                                         else per_restart - self.final_evals),
                 "chosen_restart": best,
                 "label_rule": rule,
                 **({"label_note": label_note} if label_note else {}),
@@ -487,12 +490,13 @@ class GradientInversion(Attack):
             opt = torch.optim.LBFGS(leaves, lr=p.lr, max_iter=p.lbfgs_max_iter, line_search_fn="strong_wolfe")
         else:
             opt = torch.optim.Adam(leaves, lr=p.lr)
+        steps = self.schedule_steps(limit)
         scheduler = None
         if p.lr_drops:
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=lr_milestones(p.steps), gamma=0.1)
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=lr_milestones(steps), gamma=0.1)
         previous = None
         try:
-            for step in range(p.steps):
+            for step in range(steps):
                 if p.optimizer == "lbfgs":
                     value = opt.step(objective)
                 else:
@@ -505,7 +509,7 @@ class GradientInversion(Attack):
                 if scheduler is not None:
                     scheduler.step()
                 if progress and (step % 10 == 0 or step == p.steps - 1):
-                    progress(step + 1, p.steps)
+                    progress(step + 1, steps)
                 if p.optimizer == "lbfgs":
                     # L-BFGS returns the same value once it can make no progress: stop spending evaluations.
                     if previous is not None and value == previous or not torch.isfinite(value):
@@ -518,6 +522,15 @@ class GradientInversion(Attack):
                 best.update(total=float("inf"), groups=[float("inf")] * groups, pixels=scale.pixels(z).detach(),
                             labels=None if y is None else y.detach())
         return self._pick(best, evals, update, fixed_labels, scale)
+
+    def schedule_steps(self, max_evals: float) -> int:
+        """The Adam steps a run takes: ``steps``, or fewer when its evaluation budget runs out first, so that
+        the learning-rate drops fall inside the budget (at 3/8, 5/8 and 7/8 of the steps actually taken).
+        L-BFGS (a variable number of evaluations per step) keeps ``steps`` and stops when the budget does."""
+        p = self.params
+        if p.optimizer != "adam" or max_evals == float("inf"):
+            return p.steps
+        return max(1, min(p.steps, int(max_evals) // (self.groups * p.eot_samples)))
 
     def _pick(self, best: dict, evals: int, update: GradientUpdate, fixed_labels: torch.Tensor | None,
               scale: Parametrisation) -> Candidate:
