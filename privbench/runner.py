@@ -57,11 +57,15 @@ class RunOptions:
     batch_victims: int = 64
 
 
-def lookup(config: RunConfig, store: Store, options: RunOptions, resolved: RunConfig | None = None) -> RunResult | None:
-    """A stored ok result for ``config`` as requested (found without importing torch), or as ``resolved``."""
+def lookup(config: RunConfig, store: Store, options: RunOptions, resolved: RunConfig | None = None,
+           fingerprint: str | None = None) -> RunResult | None:
+    """A stored ok result for ``config`` as requested (found without importing torch), or as ``resolved``.
+    ``fingerprint``: the data's, when the caller has it already (a cell looks up many configs of one dataset)."""
     for reg, name in registry.named_by(config):  # a name two origins declare is refused, stored row or not
         reg.check_clash(name)
-    fingerprint = datasetlib.fingerprint(config.dataset, options.data_root, config.image_size, options.allow_download)
+    if fingerprint is None:
+        fingerprint = datasetlib.fingerprint(config.dataset, options.data_root, config.image_size,
+                                             options.allow_download)
     hit = store.find_ok(request_key=config.cache_key(fingerprint))
     if hit is None and resolved is not None:
         hit = store.find_ok(cache_key=resolved.cache_key(fingerprint))
@@ -101,9 +105,13 @@ def run(config: RunConfig, store: Store, options: RunOptions = RunOptions(), pro
     return store.record(result, staging, replace=options.force)
 
 
-def new_result(config: RunConfig, resolved: RunConfig, options: RunOptions) -> RunResult:
-    """An empty ``ok`` row for ``resolved``, with its keys, seeds, versions and provenance."""
-    fingerprint = datasetlib.fingerprint(config.dataset, options.data_root, config.image_size, options.allow_download)
+def new_result(config: RunConfig, resolved: RunConfig, options: RunOptions, fingerprint: str | None = None
+               ) -> RunResult:
+    """An empty ``ok`` row for ``resolved``, with its keys, seeds, versions and provenance (``fingerprint``: the
+    data's, if the caller has it)."""
+    if fingerprint is None:
+        fingerprint = datasetlib.fingerprint(config.dataset, options.data_root, config.image_size,
+                                             options.allow_download)
     now = dt.datetime.now(dt.timezone.utc)
     result = RunResult(
         run_id=now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8], created_at=now.isoformat(), status="ok",
@@ -238,10 +246,12 @@ def run_cell(configs: list[RunConfig], store: Store, options: RunOptions = RunOp
     store.recover()
     results: list[RunResult | None] = [None] * len(configs)
     resolved_base = configlib.resolve(configs[0])
+    first = configs[0]  # one dataset for the whole cell: its fingerprint once
+    fingerprint = datasetlib.fingerprint(first.dataset, options.data_root, first.image_size, options.allow_download)
     todo = []
     for i, config in enumerate(configs):
         resolved = dataclasses.replace(resolved_base, seed=config.seed)
-        hit = None if options.force else lookup(config, store, options, resolved)
+        hit = None if options.force else lookup(config, store, options, resolved, fingerprint)
         if hit is not None:
             results[i] = hit
         else:
@@ -251,16 +261,16 @@ def run_cell(configs: list[RunConfig], store: Store, options: RunOptions = RunOp
     cell_id = "cell-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     for start in range(0, len(todo), options.batch_victims):
         chunk = todo[start : start + options.batch_victims]
-        for (i, _, _), result in zip(chunk, _run_batch(chunk, store, options, progress, cell_id, len(configs)),
-                                     strict=True):
+        batch = _run_batch(chunk, store, options, progress, cell_id, len(configs), fingerprint)
+        for (i, _, _), result in zip(chunk, batch, strict=True):
             results[i] = result
     return results  # type: ignore[return-value]
 
 
 def _run_batch(chunk: list[tuple[int, RunConfig, RunConfig]], store: Store, options: RunOptions,
-               progress: ProgressFn | None, cell_id: str, cell_size: int) -> list[RunResult]:
+               progress: ProgressFn | None, cell_id: str, cell_size: int, fingerprint: str) -> list[RunResult]:
     """Compute and store one batched job of a cell: ``chunk`` holds (index, requested, resolved) per victim."""
-    rows = [new_result(requested, resolved, options) for _, requested, resolved in chunk]
+    rows = [new_result(requested, resolved, options, fingerprint) for _, requested, resolved in chunk]
     stagings = [store.staging_dir(row.run_id) for row in rows]
     for k, ((index, _, _resolved), row) in enumerate(zip(chunk, rows, strict=True)):
         row.info["cell"] = {"id": cell_id, "batch_size": len(chunk), "cell_size": cell_size, "index": index,
