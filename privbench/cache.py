@@ -54,11 +54,17 @@ def events() -> list[CacheEvent]:
     return list(_EVENTS)
 
 
+# The version of the code that shapes cached values (dataset preprocessing, target training, defenses' fits,
+# evaluation classifiers). Bump it with any change to that code; a release that changes only attacks,
+# observations or scoring keeps it, so its trained targets stay valid (results are keyed by the release).
+CACHE_VERSION = "0.2.0"
+
+
 def cache_key(kind: str, identity: Mapping[str, Any]) -> str:
     """The sha256 hex digest naming one cache entry of ``kind`` (e.g. ``"target"``, ``"gascnn-stage"``).
 
-    ``identity`` must hold everything that shaped the cached value besides the privbench version (added
-    here, so any release invalidates every cache): the component's name and parameters, the seeds it
+    ``identity`` must hold everything that shaped the cached value besides the code's version
+    (``CACHE_VERSION``, added here): the component's name and parameters, the seeds it
     used, and, for anything derived from data, the data identity dict that defenses receive as
     ``FitContext.data_identity`` (``dataset``, ``data_fingerprint``, ``split_seed``, ``split``,
     ``image_size``, ``channels``), plus which part of the data (e.g. a hash of the member ids) when that
@@ -74,13 +80,12 @@ def cache_key(kind: str, identity: Mapping[str, Any]) -> str:
         >>> len(key)
         64
     """
-    import privbench
     from privbench.config import digest
 
     clash = [name for name in _RESERVED if name in identity]
     if clash:
         raise ValueError(f"cache identity must not use the reserved name(s) {clash}")
-    return digest({"kind": kind, "privbench": privbench.__version__, **identity})
+    return digest({"kind": kind, "privbench": CACHE_VERSION, **identity})
 
 
 def state_digest(state: Mapping[str, Any]) -> str:

@@ -216,7 +216,9 @@ def test_cache_key_changes_with_version_fingerprint_and_split_seed(monkeypatch):
     assert cache.cache_key("target", {"data": {**DATA, "data_fingerprint": "beef"}, "seed": 0}) != base
     assert cache.cache_key("target", {"data": {**DATA, "split_seed": 1}, "seed": 0}) != base
     assert cache.cache_key("target", {"data": {**DATA, "split": {**DATA["split"], "members": 10}}, "seed": 0}) != base
-    monkeypatch.setattr(privbench, "__version__", "99.0.0")
+    monkeypatch.setattr(privbench, "__version__", "99.0.0")  # a release that leaves the cached code alone
+    assert cache.cache_key("target", {"data": DATA, "seed": 0}) == base
+    monkeypatch.setattr(cache, "CACHE_VERSION", "99.0.0")
     assert cache.cache_key("target", {"data": DATA, "seed": 0}) != base
 
 
@@ -233,7 +235,7 @@ def test_eval_classifier_key_changes_with_version_fingerprint_and_split(monkeypa
     assert _tiny_spec(split_seed=1).key() != base
     assert _tiny_spec(data_fingerprint="beef").key() != base
     assert _tiny_spec(split=SplitSpec(members=10)).key() != base
-    monkeypatch.setattr(privbench, "__version__", "99.0.0")
+    monkeypatch.setattr(cache, "CACHE_VERSION", "99.0.0")
     assert _tiny_spec().key() != base
 
 
