@@ -43,7 +43,10 @@ DRAWS = 2000
 
 
 def _features_by_victim(store: Store, rows, data, index, classifier) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """victim id -> (features of its reconstruction, of its original), over the rows' reconstructions."""
+    """"seed:victim id" -> (features of its reconstruction, of its original), over the rows' reconstructions.
+
+    Keyed by the run's seed as well: two seeds may draw the same member, and each run counts (as in
+    ``bench score``); the same seed draws the same victim against the defense and against ``none``."""
     shape = tuple(data.image_shape)
     out = {}
     for row in rows:
@@ -53,7 +56,7 @@ def _features_by_victim(store: Store, rows, data, index, classifier) -> dict[str
         images, ids = loaded
         originals = data.images[torch.tensor([index[i] for i in ids])]
         for vid, f_rec, f_orig in zip(ids, classifier.features(images), classifier.features(originals), strict=True):
-            out[vid] = (f_rec, f_orig)
+            out[f"{row.config['seed']}:{vid}"] = (f_rec, f_orig)
     return out
 
 
@@ -118,6 +121,11 @@ def main() -> None:
           f"[{control_score.interval[0]:.3f}, {control_score.interval[1]:.3f}] vs baseline (random auxiliary images) "
           f"{baseline_score.value:.3f} [{baseline_score.interval[0]:.3f}, {baseline_score.interval[1]:.3f}] "
           f"(n={control_score.n}): {'leaks' if leaks else 'does NOT beat its baseline'}")
+    for (defense, attack, m), members in sorted(cells.items()):
+        med = {k: float(np.median([r.metrics[k] for r in members])) for k in ("psnr", "ssim", "baseline_psnr",
+                                                                             "baseline_ssim")}
+        print(f"{defense} x {attack} ({m}), n={len(members)}: median PSNR {med['psnr']:.2f} dB, SSIM {med['ssim']:.3f} "
+              f"(mean-image baseline {med['baseline_psnr']:.2f} dB, {med['baseline_ssim']:.3f})")
     out = []
     print("| defense x attack | n | fd_eval defended | fd_eval undefended | ratio | 95% interval | paper | verdict |")
     print("|---|---|---|---|---|---|---|---|")
