@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from privbench import registry
+from privbench.attacks.batchnorm_prior import batchnorm_layers, statistics_distance
 from privbench.attacks.gradient_inversion import (
     Candidate,
     GradientInversion,
@@ -72,10 +73,13 @@ class GradInversion(GradientInversion):
         self.final_evals = 1 if params.groups > 1 else 0  # the group mean's objective
         self._targets: list[_BatchNormTarget] = []
         self._captured: dict[int, torch.Tensor] = {}
+        self._hooks: list = []
         self._source = ""
 
     def prepare(self, observation: Observation, update: GradientUpdate) -> None:
-        layers = [(n, m) for n, m in update.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._remove_hooks()
+        with_statistics = {id(m) for m in batchnorm_layers(update.model)}
+        layers = [(n, m) for n, m in update.model.named_modules() if id(m) in with_statistics]
         shared = dict(zip((n for n, _ in update.model.named_buffers()), update.buffers, strict=False))
         derive = bool(update.buffers) and update.bn_mode == "train"
         self._targets = []
@@ -88,7 +92,7 @@ class GradInversion(GradientInversion):
             else:
                 mean, var = old_mean, old_var
             self._targets.append(_BatchNormTarget(module, mean.detach(), var.detach(), derive))
-            module.register_forward_hook(self._capture)
+            self._hooks.append(module.register_forward_hook(self._capture))
         self._source = ("none (the model has no BatchNorm layer)" if not layers else
                         "the victim batch's statistics, derived from the shared BatchNorm buffers" if derive else
                         "the model's running statistics (the protocol shares no batch statistics)")
@@ -98,6 +102,11 @@ class GradInversion(GradientInversion):
             self._captured[id(module)] = args[0]
 
     _capturing = False
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def prior(self, x: torch.Tensor) -> torch.Tensor | float:
         p = self.params
@@ -112,11 +121,8 @@ class GradInversion(GradientInversion):
         bn = 0.0
         for t in self._targets:
             a = self._captured[id(t.module)]
-            dims = [d for d in range(a.dim()) if d != 1]
-            n = a.numel() // a.shape[1]
-            mean = a.mean(dim=dims)
-            var = a.var(dim=dims, unbiased=t.from_batch and n > 1)
-            bn = bn + (mean - t.mean).norm() + (var - t.var).norm()
+            unbiased = t.from_batch and a.numel() // a.shape[1] > 1
+            bn = bn + statistics_distance(a, t.mean, t.var, unbiased)
         return value + p.bn_weight * bn
 
     def group_term(self, pixels: torch.Tensor) -> torch.Tensor | float:
@@ -133,7 +139,10 @@ class GradInversion(GradientInversion):
     def run(self, observation, budget, progress=None):
         update = observation.gradient_update
         self._model = update.model if update is not None else None
-        return super().run(observation, budget, progress)
+        try:
+            return super().run(observation, budget, progress)
+        finally:
+            self._remove_hooks()  # the attacker's model copy carries no hook of this run after it
 
     def _pick(self, best: dict, evals: int, update: GradientUpdate, fixed_labels: torch.Tensor | None,
               scale: Parametrisation) -> Candidate:

@@ -52,6 +52,7 @@ from torch.nn import functional as F
 
 from privbench import cache, registry
 from privbench.attacks.base import Attack, AttackOutput, Progress
+from privbench.attacks.batchnorm_prior import batchnorm_layers, statistics_distance
 from privbench.config import Budget
 from privbench.deps import require
 from privbench.params import bounded
@@ -337,12 +338,6 @@ class DeepInversionParams:
             raise ValueError("steps and per_class must be >= 1 and lr > 0")
 
 
-def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The model's BatchNorm layers that carry running statistics."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and m.track_running_stats and m.running_mean is not None and m.running_var is not None]
-
-
 def _why_no_batchnorm(model: nn.Module) -> str:
     kinds = {type(m).__name__ for m in model.modules()}
     if "GroupNorm" in kinds:
@@ -378,10 +373,7 @@ class DeepInversion(ModelInversion):
         captured: list[torch.Tensor] = []
 
         def hook(module, inputs, _output):
-            a = inputs[0]
-            mean = a.mean(dim=(0, 2, 3))
-            var = a.permute(1, 0, 2, 3).flatten(1).var(1, unbiased=False)
-            captured.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
+            captured.append(statistics_distance(inputs[0], module.running_mean, module.running_var))
 
         handles = [m.register_forward_hook(hook) for m in layers]
         opt = torch.optim.Adam([x], lr=p.lr)
