@@ -28,13 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from privbench import datasets as datasetlib
 from privbench.claims import GASCNN_CLAIMS
 from privbench.config import RunConfig
-from privbench.datasets import splits as splitlib
-from privbench.metrics import eval_classifier, sets
-from privbench.scoring import _reconstruction
-from privbench.store import Store, home
+from privbench.metrics import sets
+from privbench.scoring import _reconstruction, data_and_splits, evaluation_classifier
+from privbench.store import Store
 from privbench.views.rows import select
 
 SUITE = Path(__file__).parent / "suites" / "gascnn-claim.toml"
@@ -88,13 +86,8 @@ def main() -> None:
     store = Store(args.store)
     rows = [r for r in select(store, args.suite, args.data_root).rows if r.status == "ok" and "ssim" in r.metrics]
     cfg = RunConfig.from_dict(rows[0].config)
-    data = datasetlib.load(cfg.dataset, cfg.image_size, cfg.channels, root=args.data_root,
-                           cache_dir=home() / "cache" / "datasets")
-    parts = splitlib.make(data, cfg.split, cfg.derived_seeds()["split"])
-    spec = eval_classifier.EvalClassifierSpec(
-        dataset=cfg.dataset, data_fingerprint=data.provenance.get("fingerprint", ""), image_size=cfg.image_size,
-        channels=cfg.channels, split_seed=cfg.split_seed, split=cfg.split)
-    classifier = eval_classifier.train_or_load(spec, parts.auxiliary, home() / "cache" / "eval")
+    data, parts = data_and_splits(cfg, args.data_root)
+    spec, classifier = evaluation_classifier(cfg, data, parts)
     index = {image_id: i for i, image_id in enumerate(data.ids)}
     cells = defaultdict(list)
     for r in rows:

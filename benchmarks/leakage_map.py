@@ -22,12 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from privbench import datasets as datasetlib
 from privbench.config import RunConfig
-from privbench.datasets import splits as splitlib
-from privbench.metrics import eval_classifier
-from privbench.scoring import _reconstruction
-from privbench.store import Store, home
+from privbench.scoring import _reconstruction, data_and_splits, evaluation_classifier
+from privbench.store import Store
 from privbench.views.rows import select
 
 SUITE = Path(__file__).parent / "suites" / "leakage-map.toml"
@@ -46,13 +43,8 @@ def feature_distances(store: Store, rows, data_root: str | None) -> dict[str, tu
     if not rows:
         return out
     cfg = RunConfig.from_dict(rows[0].config)
-    data = datasetlib.load(cfg.dataset, cfg.image_size, cfg.channels, root=data_root,
-                           cache_dir=home() / "cache" / "datasets")
-    parts = splitlib.make(data, cfg.split, cfg.derived_seeds()["split"])
-    spec = eval_classifier.EvalClassifierSpec(
-        dataset=cfg.dataset, data_fingerprint=data.provenance.get("fingerprint", ""), image_size=cfg.image_size,
-        channels=cfg.channels, split_seed=cfg.split_seed, split=cfg.split)
-    classifier = eval_classifier.train_or_load(spec, parts.auxiliary, home() / "cache" / "eval")
+    data, parts = data_and_splits(cfg, data_root)
+    spec, classifier = evaluation_classifier(cfg, data, parts)
     index = {image_id: i for i, image_id in enumerate(data.ids)}
     mean_image = parts.auxiliary.images.mean(0, keepdim=True)
     f_mean = classifier.features(mean_image)

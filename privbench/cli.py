@@ -249,25 +249,13 @@ def _run_cell(config, seeds: str, store, options, tracker, as_json: bool, show: 
     import statistics
 
     from privbench import runner
-    from privbench.stages import BarSink, LogSink
     from privbench.suite.spec import parse_seeds
 
     seed_list = parse_seeds([part.strip() for part in seeds.split(",") if part.strip()])
     configs = runner.cell_configs(config, seed_list)
-    with contextlib.ExitStack() as stack:
-        if show and terminal:
-            tracker.sinks.append(stack.enter_context(BarSink(err_console)))
-        elif show:
-            tracker.sinks.append(LogSink())
-        try:
-            results = runner.run_cell(configs, store, options, tracker)
-        except KeyboardInterrupt:
-            raise
-        except BaseException:
-            tracker.close("failed")
-            raise
+    with _shown(tracker, bar=show and terminal, lines=show and not terminal):
+        results = runner.run_cell(configs, store, options, tracker)
         tracker.close("done")
-        tracker.sinks.clear()
     statuses = [r.status for r in results]
     if as_json:
         typer.echo(_json([r.to_dict() for r in results]))
@@ -301,9 +289,10 @@ def _run_cell(config, seeds: str, store, options, tracker, as_json: bool, show: 
     raise typer.Exit(1 if "failed" in statuses else 3 if "unsupported" in statuses else 0)
 
 
-def _compute(config, store, options, tracker, bar: bool, lines: bool):
-    """``runner.run`` with ``tracker`` as its progress, shown as bars (``bar``) or log lines (``lines``)."""
-    from privbench import runner
+@contextlib.contextmanager
+def _shown(tracker, bar: bool, lines: bool):
+    """Show ``tracker``'s progress as bars (``bar``) or log lines (``lines``) while the block runs; an error
+    in it (Ctrl-C aside) closes the tracker as failed. On leaving, the bar stops: what follows prints below it."""
     from privbench.stages import BarSink, LogSink
 
     with contextlib.ExitStack() as stack:
@@ -312,15 +301,23 @@ def _compute(config, store, options, tracker, bar: bool, lines: bool):
         elif lines:
             tracker.sinks.append(LogSink())
         try:
-            result = runner.run(config, store, options, tracker)
+            yield
         except KeyboardInterrupt:
             raise
         except BaseException:
             tracker.close("failed")
             raise
+        tracker.sinks.clear()
+
+
+def _compute(config, store, options, tracker, bar: bool, lines: bool):
+    """``runner.run`` with ``tracker`` as its progress, shown as bars (``bar``) or log lines (``lines``)."""
+    from privbench import runner
+
+    with _shown(tracker, bar, lines):
+        result = runner.run(config, store, options, tracker)
         tracker.close({"ok": "done", "failed": "failed"}.get(result.status, "stopped"))
-        tracker.sinks.clear()  # the bar stops here; what follows prints below it
-        return result
+    return result
 
 
 def _interrupted(tracker) -> None:

@@ -76,8 +76,7 @@ def score_cell(
         log.warning("skipping cell %s (runs %s): its stored config cannot be read (%s)", key,
                     ", ".join(r.run_id for r in rows), exc)
         return None
-    data = datasetlib.load(cfg.dataset, cfg.image_size, cfg.channels, root=data_root,
-                           cache_dir=home() / "cache" / "datasets")
+    data, parts = data_and_splits(cfg, data_root)
     index = {image_id: i for i, image_id in enumerate(data.ids)}
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
     recon, victim_ids, used = [], [], []
@@ -93,18 +92,13 @@ def score_cell(
     rows = used
     reconstructions = torch.cat(recon)
     originals = data.images[torch.tensor([index[i] for i in victim_ids])]
-    parts = splitlib.make(data, cfg.split, cfg.derived_seeds()["split"])
     n = len(originals)
     report = CellReport(
         key, cfg.to_dict(), len(rows),
         {m: _median([r.metrics.get(m) for r in rows]) for m in _per_run_metric_names(rows)},
     )
 
-    spec = eval_classifier.EvalClassifierSpec(
-        dataset=cfg.dataset, data_fingerprint=data.provenance.get("fingerprint", ""),
-        image_size=cfg.image_size, channels=cfg.channels, split_seed=cfg.split_seed, split=cfg.split,
-    )
-    classifier = eval_classifier.train_or_load(spec, parts.auxiliary, home() / "cache" / "eval")
+    spec, classifier = evaluation_classifier(cfg, data, parts)
     report.eval_classifier = classifier.info
     rng = np.random.default_rng(0)
     pool = classifier.heldout if len(classifier.heldout) >= n else parts.auxiliary
@@ -138,6 +132,23 @@ def score_cell(
             entry["score"], entry["baseline"], run_ids, rows[0].privbench_version,
         )
     return report
+
+
+def data_and_splits(cfg: RunConfig, data_root: str | None = None) -> tuple["datasetlib.ImageDataset", "splitlib.Splits"]:
+    """The dataset of a stored config (from the cache of this home) and its members / nonmembers / auxiliary split."""
+    data = datasetlib.load(cfg.dataset, cfg.image_size, cfg.channels, root=data_root,
+                           cache_dir=home() / "cache" / "datasets")
+    return data, splitlib.make(data, cfg.split, cfg.derived_seeds()["split"])
+
+
+def evaluation_classifier(cfg: RunConfig, data, parts) -> tuple[eval_classifier.EvalClassifierSpec,
+                                                                 eval_classifier.EvalClassifier]:
+    """fd_eval's evaluation classifier for a stored config's data (trained on its auxiliary split, or cached)."""
+    spec = eval_classifier.EvalClassifierSpec(
+        dataset=cfg.dataset, data_fingerprint=data.provenance.get("fingerprint", ""),
+        image_size=cfg.image_size, channels=cfg.channels, split_seed=cfg.split_seed, split=cfg.split,
+    )
+    return spec, eval_classifier.train_or_load(spec, parts.auxiliary, home() / "cache" / "eval")
 
 
 def _reconstruction(store: Store, row: RunResult, shape: tuple[int, int, int], index: dict[str, int]
