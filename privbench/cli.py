@@ -173,7 +173,8 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Recompute even if a stored result exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result row as JSON.")] = False,
     store_path: Annotated[Path | None, typer.Option("--store", help="SQLite results file.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch intra-op threads (default $PRIVBENCH_THREADS or 1).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch intra-op threads (default $PRIVBENCH_THREADS, else 1; a "
+                                                 "batched cell, --seeds, uses every core).")] = None,
     allow_download: Annotated[bool, typer.Option("--allow-download", help="Let datasets download missing files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stage lines: only the result, warnings "
                                         "and errors.")] = False,

@@ -27,6 +27,10 @@ def suite(
     cache_dir: Annotated[Path | None, typer.Option(help="Trained targets and preprocessed data (every worker must "
                                                    "read and write it); default <home>/cache.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary at the end.")] = False,
+    batch_victims: Annotated[int, typer.Option(help="Jobs that attack one target and differ only in their seed "
+                                               "(a cell's victims) run together, up to this many per job, when the "
+                                               "attack batches them (gradient inversion); 0 runs one job per "
+                                               "row.")] = 64,
 ) -> None:
     """Run every job of a suite's grid that is not stored yet, targets first, and store one row per job.
 
@@ -43,8 +47,10 @@ def suite(
     try:
         spec = speclib.load(spec_path)
         store = Store(store_path)
+        if batch_victims < 0:
+            raise speclib.SpecError(f"--batch-victims must be >= 0 (0: one job per row), got {batch_victims}")
         if dry_run:
-            _dry_run(spec, store, root, cache_dir, as_json)
+            _dry_run(spec, store, root, cache_dir, as_json, batch_victims, jobs)
             return
         backend = DaskBackend(scheduler, threads) if scheduler else LocalBackend(jobs, threads)
     except (*_input_errors(), speclib.SpecError, BackendError) as exc:
@@ -52,7 +58,8 @@ def suite(
     display = _Display(spec.name, live=err_console.is_terminal and not as_json)
     try:
         with display:
-            summary = coordinator.run(spec, store, backend, data_root=root, cache_dir=cache_dir, listener=display)
+            summary = coordinator.run(spec, store, backend, data_root=root, cache_dir=cache_dir, listener=display,
+                                      batch_victims=batch_victims)
     except (*_input_errors(), speclib.SpecError, BackendError) as exc:
         backend.close(cancel=True)
         _fail_input(exc)
@@ -63,22 +70,25 @@ def suite(
     raise typer.Exit(130 if summary.interrupted else 1 if summary.failed or summary.fits_failed else 0)
 
 
-def _dry_run(spec: Any, store: Any, root: str | None, cache_dir: Path | None, as_json: bool) -> None:
+def _dry_run(spec: Any, store: Any, root: str | None, cache_dir: Path | None, as_json: bool, batch_victims: int,
+             workers: int) -> None:
     from privbench.store import home
     from privbench.suite import plan as planlib
 
-    plan = planlib.make(spec, store, root, cache_dir or home() / "cache")
+    plan = planlib.make(spec, store, root, cache_dir or home() / "cache", batch_victims, workers)
     facts = {"suite": spec.name, "spec_hash": spec.spec_hash, **plan.describe()}
     if as_json:
-        typer.echo(_json({**facts, "jobs_to_run": [job.name for job in plan.attacks],
+        typer.echo(_json({**facts, "jobs_to_run": plan.job_names(),
                           "targets_to_train": [fit.name for fit in plan.fits]}))
         return
+    cells = f" ({facts['in_cells']} of them in {facts['cell_jobs']} cell jobs)" if facts["cell_jobs"] else ""
     _say(f"suite {spec.name} ({spec.path}, spec {spec.spec_hash[:12]}): {facts['jobs']} jobs, {facts['stored']} "
-         f"stored, {facts['to_run']} to run; {facts['targets']} distinct targets, {facts['targets_to_train']} to train")
+         f"stored, {facts['to_run']} to run{cells}; {facts['targets']} distinct targets, "
+         f"{facts['targets_to_train']} to train")
     for fit in plan.fits:
         _say("  ", fit.name)
-    for job in plan.attacks:
-        _say("  ", job.name)
+    for name in plan.job_names():
+        _say("  ", name)
 
 
 class _Display:

@@ -30,7 +30,14 @@ from privbench import __version__, registry, stages
 from privbench import config as configlib
 from privbench import datasets as datasetlib
 from privbench.config import RunConfig
-from privbench.provenance import configure_threads, git_commit, plugin_versions, resolve_threads, versions
+from privbench.provenance import (
+    batch_threads,
+    configure_threads,
+    git_commit,
+    plugin_versions,
+    resolve_threads,
+    versions,
+)
 from privbench.store import RunResult, Store
 from privbench.threat import AttackError, AttackSetting, InversionTruth, MembershipTruth, Observation, Victim
 
@@ -231,6 +238,8 @@ def run_cell(configs: list[RunConfig], store: Store, options: RunOptions = RunOp
     Raises ConfigError when the configs do not form a cell, and what :func:`run` raises on bad input.
     """
     resolve_threads(options.threads)
+    if options.threads is None and options.batch_victims > 0:
+        options = dataclasses.replace(options, threads=batch_threads())
     if not configs:
         raise configlib.ConfigError("a cell needs at least one config")
     base = dataclasses.replace(configs[0], seed=0)
@@ -258,7 +267,7 @@ def run_cell(configs: list[RunConfig], store: Store, options: RunOptions = RunOp
             todo.append((i, config, resolved))
     if todo:
         store.check_writable()
-    cell_id = "cell-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    cell_id = new_cell_id()
     for start in range(0, len(todo), options.batch_victims):
         chunk = todo[start : start + options.batch_victims]
         batch = _run_batch(chunk, store, options, progress, cell_id, len(configs), fingerprint)
@@ -272,6 +281,21 @@ def _run_batch(chunk: list[tuple[int, RunConfig, RunConfig]], store: Store, opti
     """Compute and store one batched job of a cell: ``chunk`` holds (index, requested, resolved) per victim."""
     rows = [new_result(requested, resolved, options, fingerprint) for _, requested, resolved in chunk]
     stagings = [store.staging_dir(row.run_id) for row in rows]
+    try:
+        compute_batch(chunk, options, rows, stagings, progress, cell_id, cell_size)
+    except (*INPUT_ERRORS, KeyboardInterrupt):
+        for staging in stagings:
+            store.release(staging, remove=True)
+        raise
+    return [store.record(row, staging, replace=options.force) for row, staging in zip(rows, stagings, strict=True)]
+
+
+def compute_batch(chunk: list[tuple[int, RunConfig, RunConfig]], options: RunOptions, rows: list[RunResult],
+                  stagings: list[Path], progress: ProgressFn | None, cell_id: str, cell_size: int) -> None:
+    """Compute one batched job of a cell into ``rows`` (made by :func:`new_result`, one per victim) and their
+    ``stagings``, without touching a store (a suite's worker stages them for its coordinator). ``chunk`` holds
+    (index in the cell, requested, resolved) per victim. A victim's failure is its row's status; an error
+    before any victim's attack (data, target) fails every row; input errors and Ctrl-C are raised."""
     for k, ((index, _, _resolved), row) in enumerate(zip(chunk, rows, strict=True)):
         row.info["cell"] = {"id": cell_id, "batch_size": len(chunk), "cell_size": cell_size, "index": index,
                             "batch_index": k, "seeds": [r.seed for _, _, r in chunk]}
@@ -279,14 +303,11 @@ def _run_batch(chunk: list[tuple[int, RunConfig, RunConfig]], store: Store, opti
     try:
         failures = _execute_batch([r for _, _, r in chunk], options, rows, stagings, progress)
     except (*INPUT_ERRORS, KeyboardInterrupt):
-        for staging in stagings:
-            store.release(staging, remove=True)
         raise
     except Exception as exc:  # before any victim's attack (data, target): every row of the job fails with it
         failures = {k: exc for k in range(len(rows))}
     elapsed = time.perf_counter() - start
-    stored = []
-    for k, (row, staging) in enumerate(zip(rows, stagings, strict=True)):
+    for k, row in enumerate(rows):
         if k in failures:
             exc = failures[k]
             row.status = "unsupported" if isinstance(exc, AttackError) else "failed"
@@ -294,8 +315,11 @@ def _run_batch(chunk: list[tuple[int, RunConfig, RunConfig]], store: Store, opti
             row.traceback = "".join(traceback.format_exception(exc))
         row.info["cell"]["batch_wall_time_s"] = elapsed
         row.wall_time_s = elapsed / len(rows)  # this victim's share of the job
-        stored.append(store.record(row, staging, replace=options.force))
-    return stored
+
+
+def new_cell_id() -> str:
+    """A cell's id: its rows share it (``info.cell.id``)."""
+    return "cell-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
 
 def _execute_batch(cfgs: list[RunConfig], options: RunOptions, rows: list[RunResult], stagings: list[Path],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -162,7 +163,8 @@ def test_jobs_times_threads_may_not_oversubscribe(tmp_path, bench_home):
 def test_dry_run_counts_jobs_stored_and_targets(tmp_path, bench_home):
     result = runner.invoke(app, ["suite", str(_spec(tmp_path)), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert f"{GRID} jobs, 0 stored, {GRID} to run; 3 distinct targets, 3 to train" in result.output
+    assert f"{GRID} jobs, 0 stored, {GRID} to run (12 of them in 3 cell jobs); 3 distinct targets, 3 to train" \
+        in result.output
     assert not _rows(bench_home)  # the store exists, holding nothing
 
 
@@ -349,3 +351,82 @@ def test_rules_about_models_see_the_defense_default_architecture(tmp_path):
     assert 'name = "dp"\nparams' in text
     spec = speclib.load(_spec(tmp_path, text + '\n[[only]]\nattack = "dlg"\nmodel = "lenet"\n'))
     assert {(j.config.defense, j.config.attack) for j in spec.jobs} >= {("dp", "dlg")}  # dp's default is lenet
+
+
+# -- cells: the victims of one target in one batched job ----------------------------------------------------
+
+CELLS = """
+[suite]
+name = "cells"
+seeds = "0-5"
+
+[run]
+dataset = "synthetic-mri"
+image_size = 16
+target_seed = 0
+split = {{ members = 64, nonmembers = 64, auxiliary = 64 }}
+[run.budget]
+max_grad_evals = {evals}
+
+[[defenses]]
+name = "none"
+models = ["lenet"]
+params = {{ epochs = 1 }}
+
+[[attacks]]
+name = "dlg"
+
+[[attacks]]
+name = "loss-threshold"
+"""
+
+
+def test_a_cells_victims_run_as_one_job_with_the_rows_of_bench_run_seeds(tmp_path, bench_home):
+    spec = _spec(tmp_path, CELLS, evals=30)
+    dry = runner.invoke(app, ["suite", str(spec), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "12 jobs, 0 stored, 12 to run (6 of them in 1 cell jobs)" in dry.output
+    assert "none[epochs=1] x dlg synthetic-mri/lenet seeds 0-5 (cell of 6)" in dry.output
+    result = runner.invoke(app, ["suite", str(spec), "--jobs", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [r for r in _rows(bench_home) if r["attack"] == "dlg"]
+    assert sorted(r["seed"] for r in rows) == list(range(6)) and all(r["status"] == "ok" for r in rows)
+    cells = [json.loads(r["info_json"])["cell"] for r in rows]
+    assert len({c["id"] for c in cells}) == 1 and sorted(c["index"] for c in cells) == list(range(6))
+    assert all(c["batch_size"] == 6 and c["cell_size"] == 6 for c in cells)
+    assert all(json.loads(r["info_json"])["suite"]["name"] == "cells" for r in rows)
+    # the rows are the ones bench run --seeds computes: same request keys, so it serves them from the store
+    served = runner.invoke(app, ["run", "--dataset", "synthetic-mri", "--image-size", "16", "--model", "lenet",
+                                 "--attack", "dlg", "--defense-param", "epochs=1", "--members", "64",
+                                 "--nonmembers", "64", "--auxiliary", "64", "--max-grad-evals", "30",
+                                 "--target-seed", "0", "--seeds", "0-5"])
+    assert served.exit_code == 0, served.output
+    assert "6 served from the store" in served.output
+    again = runner.invoke(app, ["suite", str(spec), "--jobs", "1", "--json"])
+    assert again.exit_code == 0 and '"stored_before": 12' in again.output
+
+
+def test_without_batching_or_for_other_attacks_there_is_one_job_per_row(tmp_path, bench_home):
+    spec = _spec(tmp_path, CELLS, evals=30)
+    off = runner.invoke(app, ["suite", str(spec), "--dry-run", "--batch-victims", "0"])
+    assert off.exit_code == 0 and "12 jobs, 0 stored, 12 to run;" in off.output
+    assert "seeds 0-5" not in off.output and "dlg synthetic-mri/lenet seed 3" in off.output
+    on = runner.invoke(app, ["suite", str(spec), "--dry-run"])
+    assert "loss-threshold synthetic-mri/lenet seed 3" in on.output  # membership attacks do not batch victims
+    bad = runner.invoke(app, ["suite", str(spec), "--batch-victims", "-1"])
+    assert bad.exit_code == 2 and "--batch-victims" in bad.output
+
+
+def test_fewer_cells_than_workers_are_split_so_every_worker_has_a_share(tmp_path, bench_home):
+    from privbench.store import Store
+    from privbench.suite import plan as planlib
+
+    spec = speclib.load(_spec(tmp_path, CELLS, evals=30))
+    store = Store(bench_home / "privbench.sqlite")
+    one = planlib.make(spec, store, None, bench_home / "cache", batch_victims=64, workers=1)
+    two = planlib.make(spec, store, None, bench_home / "cache", batch_victims=64, workers=2)
+    small = planlib.make(spec, store, None, bench_home / "cache", batch_victims=4, workers=1)
+    assert [len(c.jobs) for c in one.cells] == [6] and [len(c.jobs) for c in two.cells] == [3, 3]
+    assert [c.indices for c in two.cells] == [(0, 1, 2), (3, 4, 5)] and len({c.cell_id for c in two.cells}) == 1
+    assert [len(c.jobs) for c in small.cells] == [4, 2]
+    assert len(one.attacks) == len(two.attacks) == 6  # loss-threshold: one job per row

@@ -225,3 +225,14 @@ def test_cli_seeds_runs_a_cell(bench_home):
 
     rows = json.loads(result.stdout)
     assert [r["config"]["seed"] for r in rows] == [0, 1, 2] and len({r["info"]["cell"]["id"] for r in rows}) == 1
+
+
+def test_a_batched_cell_uses_every_core_unless_threads_are_set(monkeypatch):
+    import os
+
+    from privbench.provenance import THREADS_ENV, batch_threads
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert batch_threads() == (os.cpu_count() or 1)
+    monkeypatch.setenv(THREADS_ENV, "1")
+    assert batch_threads() == 1  # $PRIVBENCH_THREADS (and --threads) win

@@ -89,6 +89,13 @@ class Attack(ABC):
         """Attack what ``observation`` holds, within ``budget``."""
 
     @classmethod
+    def cell_batches(cls, params: dict) -> bool:
+        """Whether ``run_cell`` solves the victims of one target together with these (resolved) parameters, so
+        that a suite runs them as one job; False: one job per victim (the default ``run_cell`` would only run
+        them one after another)."""
+        return False
+
+    @classmethod
     def run_cell(cls, attacks: "list[Attack]", observations: list[Observation], budget: "Budget",
                  progress: Progress | None = None) -> "list[AttackOutput | Exception]":
         """Attack V victims of one target: ``attacks[v]`` (same parameters, each victim's own seed) on

@@ -66,6 +66,18 @@ class _Victim:
 _HOOKS = ("run", "_invert", "prepare", "prior", "group_term", "_pick", "_draw_start", "_start")
 
 
+def static_reason(attack_cls: type, params: Any) -> str | None:
+    """Why victims of this attack class with these parameters never batch, known before any observation
+    (None: they batch unless their observation says otherwise, see :func:`why_not_batched`)."""
+    if params.eot_samples > 1:
+        return "EOT over several encoder samples (per-sample randomness is not batched)"
+    overridden = [h for h in _HOOKS if getattr(attack_cls, h) is not getattr(GradientInversion, h)]
+    if overridden or getattr(attack_cls, "groups", 1) != 1:
+        return (f"{attack_cls.registry_name} overrides {', '.join(overridden) or 'groups'} (per-victim priors or "
+                f"jointly optimised candidate groups are not batched)")
+    return None
+
+
 def why_not_batched(attack: "GradientInversion", observation: Observation) -> str | None:
     """Why this victim runs the sequential attack rather than in the batch (None: it can be batched)."""
     update = observation.gradient_update
@@ -75,12 +87,11 @@ def why_not_batched(attack: "GradientInversion", observation: Observation) -> st
         return "encrypted update (the output is the prior guess)"
     if update.local_steps != 1:
         return "multi-step update (refused by the attack)"
-    if attack.params.eot_samples > 1:
-        return "EOT over several encoder samples (per-sample randomness is not batched)"
-    overridden = [h for h in _HOOKS if getattr(type(attack), h) is not getattr(GradientInversion, h)]
-    if overridden or attack.groups != 1:
-        return (f"{attack.registry_name} overrides {', '.join(overridden) or 'groups'} (per-victim priors or "
-                f"jointly optimised candidate groups are not batched)")
+    reason = static_reason(type(attack), attack.params)
+    if reason is None and attack.groups != 1:
+        reason = f"{attack.registry_name} optimises groups of candidates jointly (not batched)"
+    if reason is not None:
+        return reason
     if hasattr(update.model, "timesteps") or hasattr(update.model, "encoding"):
         return "spiking network (stochastic encoder, snntorch state)"
     return None

@@ -271,6 +271,12 @@ class GradientInversion(Attack):
         return self._output(observation, update, runs, rule, fixed_labels, label_note, scale, per_restart)
 
     @classmethod
+    def cell_batches(cls, params: dict) -> bool:
+        from privbench.attacks import batched
+
+        return batched.static_reason(cls, cls.Params(**params)) is None
+
+    @classmethod
     def run_cell(cls, attacks: list[Attack], observations: list[Observation], budget: Budget,
                  progress: Progress | None = None) -> list[AttackOutput | Exception]:
         """V victims of one target as one batched problem (``privbench.attacks.batched``): each victim gets

@@ -63,6 +63,9 @@ class Defense(ABC):
     # Figures the defense's seed paper states (privbench.claims.PaperClaim); a leaderboard shows each beside ours.
     paper_claims: ClassVar[tuple[PaperClaim, ...]] = ()
     stochastic: ClassVar[bool] = False  # does the exposed quantity involve fresh randomness?
+    # can a gradient-inversion cell against this defense solve its victims together (False: the released
+    # model cannot be vectorised over victims, e.g. a spiking network; a suite then runs one job per victim)
+    batchable_gradients: ClassVar[bool] = True
     # The registered model names the defense runs on (None: any registered model), the one it runs on when
     # the user names none, and why a model outside ``models`` cannot work (for the error; see check_model).
     models: ClassVar[tuple[str, ...] | None] = None

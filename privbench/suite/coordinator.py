@@ -1,5 +1,6 @@
-"""The suite's coordinator: plans, schedules fit jobs before the attack jobs that need them, and alone
-writes the store (one row per attack job, inserted as it arrives; a row already stored is kept).
+"""The suite's coordinator: plans, schedules fit jobs before the attack and cell jobs that need them, and
+alone writes the store (one row per attack job, one per victim of a cell job, inserted as they arrive; a row
+already stored is kept).
 
 Ctrl-C once: nothing new is scheduled, running jobs finish and are stored, the suite ends (exit 130).
 Ctrl-C twice: running jobs are stopped (local workers terminated); nothing of theirs is stored and their
@@ -83,33 +84,41 @@ Listener = Callable[[str, Progress, Outcome | None], None]  # (event, progress, 
 
 
 def run(spec: SuiteSpec, store: Store, backend: Any, *, data_root: str | None = None, cache_dir: Path | None = None,
-        allow_download: bool = False, listener: Listener | None = None) -> Summary:
-    """Run what ``spec``'s grid has not stored yet on ``backend``; returns the summary."""
+        allow_download: bool = False, listener: Listener | None = None, batch_victims: int = 0) -> Summary:
+    """Run what ``spec``'s grid has not stored yet on ``backend``; returns the summary. ``batch_victims`` >= 2:
+    the victims of one target run together, that many per cell job (``plan.make``)."""
     start = time.perf_counter()
     store.recover()  # rows that killed coordinators or workers finished are stored before planning
     store.check_writable()
     cache_dir = cache_dir or home() / "cache"
-    plan = planlib.make(spec, store, data_root, cache_dir)
+    plan = planlib.make(spec, store, data_root, cache_dir, batch_victims, backend.capacity)
     summary = Summary(spec.name, spec.spec_hash, len(spec.jobs), len(plan.stored), workers=backend.capacity)
     store.tag_suite(spec.name, spec.spec_hash, sorted(set(plan.stored.values())))
     suite_tag = {"name": spec.name, "spec_hash": spec.spec_hash}
 
-    def task(kind: str, name: str, config: dict, fingerprint: str) -> Task:
-        return Task(kind, name, config, fingerprint, data_root, str(cache_dir), backend.threads, allow_download,
-                    str(store.artifacts_root) if backend.shares_disk else None, suite_tag)
+    def task(job: planlib.FitJob | planlib.AttackJob | planlib.CellJob) -> Task:
+        shared = str(store.artifacts_root) if backend.shares_disk else None
+        common = (data_root, str(cache_dir), backend.threads, allow_download, shared, suite_tag)
+        if isinstance(job, planlib.FitJob):
+            return Task("fit", job.name, job.config.to_dict(), job.fingerprint, *common)
+        if isinstance(job, planlib.CellJob):
+            victims = [j.job.config.to_dict() for j in job.jobs]
+            return Task("cell", job.name, victims[0], job.fingerprint, *common, victims=victims,
+                        cell={"id": job.cell_id, "size": job.cell_size, "indices": list(job.indices)})
+        return Task("attack", job.name, job.job.config.to_dict(), job.fingerprint, *common)
 
-    waiting: dict[str, list[planlib.AttackJob]] = defaultdict(list)
+    waiting: dict[str, list[planlib.AttackJob | planlib.CellJob]] = defaultdict(list)
     queue: deque[tuple[Task, Any]] = deque()
     fit_keys = {fit.key for fit in plan.fits}
     for fit in plan.fits:
-        queue.append((task("fit", fit.name, fit.config.to_dict(), fit.fingerprint), fit))
-    for job in plan.attacks:
+        queue.append((task(fit), fit))
+    for job in [*plan.attacks, *plan.cells]:
         if job.target in fit_keys:
             waiting[job.target].append(job)
         else:
-            queue.append((task("attack", job.name, job.job.config.to_dict(), job.fingerprint), job))
-    progress = Progress(total=len(plan.fits) + len(plan.attacks), capacity=backend.capacity,
-                        left={"fit": len(plan.fits), "attack": len(plan.attacks)})
+            queue.append((task(job), job))
+    progress = Progress(total=len(plan.fits) + len(plan.attacks) + len(plan.cells), capacity=backend.capacity,
+                        left={"fit": len(plan.fits), "attack": len(plan.attacks), "cell": len(plan.cells)})
     notify = listener or (lambda *_: None)
     running: dict[Any, tuple[Task, Any]] = {}
     attempts: dict[str, int] = defaultdict(lambda: 1)
@@ -144,14 +153,21 @@ def run(spec: SuiteSpec, store: Store, backend: Any, *, data_root: str | None = 
                     break
                 notify("interrupt", progress, None)
     finally:
-        summary.not_run = sum(1 for t, _ in queue if t.kind == "attack") + sum(len(v) for v in waiting.values()) + \
-            sum(1 for t, _ in running.values() if t.kind == "attack")
+        summary.not_run = sum(_rows(job) for _, job in [*queue, *running.values()]) + \
+            sum(_rows(job) for jobs in waiting.values() for job in jobs)
         backend.close(cancel=bool(running))
         summary.wall_time_s = time.perf_counter() - start
     return summary
 
 
 MAX_ATTEMPTS = 2  # a job whose worker dies twice (a crash it causes itself) is stored as failed
+
+
+def _rows(job: Any) -> int:
+    """The rows a job would store: none for a fit, one for an attack job, one per victim for a cell job."""
+    if isinstance(job, planlib.CellJob):
+        return len(job.jobs)
+    return 1 if isinstance(job, planlib.AttackJob) else 0
 
 
 def _outcome(future: Any, task: Task, backend: Any) -> Outcome:
@@ -165,7 +181,7 @@ def _outcome(future: Any, task: Task, backend: Any) -> Outcome:
 
 
 def _handle(outcome: Outcome, item: tuple[Task, Any], store: Store, summary: Summary, spec: SuiteSpec,
-            waiting: dict[str, list[planlib.AttackJob]], queue: deque, task: Callable, progress: Progress) -> None:
+            waiting: dict[str, list[Any]], queue: deque, task: Callable, progress: Progress) -> None:
     tsk, job = item
     summary.job_time_s += outcome.seconds
     progress.times[outcome.kind].append(outcome.seconds)
@@ -175,25 +191,35 @@ def _handle(outcome: Outcome, item: tuple[Task, Any], store: Store, summary: Sum
         summary.fits += 1
         dependents = waiting.pop(job.key, [])
         if outcome.status == "ok":
-            for attack in dependents:
-                queue.append((task("attack", attack.name, attack.job.config.to_dict(), attack.fingerprint), attack))
+            for dependent in dependents:
+                queue.append((task(dependent), dependent))
             return
         summary.fits_failed += 1
         progress.failed += 1
-        for attack in dependents:  # each stored as failed, naming the fit that failed
-            row = _failed_row(attack, f"training its target failed: {outcome.error}", outcome.traceback, spec)
-            _store(store, row, None, None, summary, spec, attack.name)
-            progress.left["attack"] -= 1
+        for dependent in dependents:  # each row stored as failed, naming the fit that failed
+            for attack in _attack_jobs(dependent):
+                row = _failed_row(attack, f"training its target failed: {outcome.error}", outcome.traceback, spec)
+                _store(store, row, None, None, summary, spec, attack.name)
+            kind = "cell" if isinstance(dependent, planlib.CellJob) else "attack"
+            progress.left[kind] -= 1
             progress.done += 1
             progress.failed += 1
         return
-    if outcome.row is None:  # the worker died (twice) before the job produced a row
-        row = _failed_row(job, outcome.error or "worker lost", outcome.traceback, spec)
-        _store(store, row, None, None, summary, spec, job.name)
+    if outcome.kind == "cell" and outcome.parts is not None:
+        for attack, part in zip(job.jobs, outcome.parts, strict=True):
+            _store(store, result_from_dict(part.row), part.staging, part.files, summary, spec, attack.name)
+    elif outcome.row is None:  # the worker died (twice) before the job produced its rows
+        for attack in _attack_jobs(job):
+            row = _failed_row(attack, outcome.error or "worker lost", outcome.traceback, spec)
+            _store(store, row, None, None, summary, spec, attack.name)
     else:
         _store(store, result_from_dict(outcome.row), outcome.staging, outcome.files, summary, spec, job.name)
     if outcome.status in ("failed", "lost"):
         progress.failed += 1
+
+
+def _attack_jobs(job: Any) -> list[planlib.AttackJob]:
+    return list(job.jobs) if isinstance(job, planlib.CellJob) else [job]
 
 
 def _failed_row(job: planlib.AttackJob, error: str, trace: str | None, spec: SuiteSpec) -> RunResult:

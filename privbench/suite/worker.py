@@ -1,4 +1,5 @@
-"""What a suite's worker process runs: one fit job or one attack job, never a write to the store.
+"""What a suite's worker process runs: one fit job, one attack job or one cell job (several victims of one
+target, one row each), never a write to the store.
 
 An attack job computes its row into a staging folder and writes ``result.json`` there atomically; the
 coordinator alone inserts it into the store. Locally the staging folder is in the store's own
@@ -28,9 +29,9 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 class Task:
     """One job as a worker receives it (plain data, so it pickles to any worker)."""
 
-    kind: str  # "fit" or "attack"
+    kind: str  # "fit", "attack" or "cell"
     name: str
-    config: dict[str, Any]  # the requested config (attack) or the resolved config (fit)
+    config: dict[str, Any]  # the requested config (attack, a cell's first victim) or the resolved config (fit)
     fingerprint: str
     data_root: str | None
     cache_dir: str
@@ -38,6 +39,8 @@ class Task:
     allow_download: bool = False
     staging_root: str | None = None  # the store's artifacts folder, if this worker can write it
     suite: dict[str, str] = field(default_factory=dict)  # name, spec_hash
+    victims: list[dict[str, Any]] = field(default_factory=list)  # a cell: each victim's requested config
+    cell: dict[str, Any] = field(default_factory=dict)  # a cell: id, size, each victim's index in the cell
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Outcome:
     row: dict[str, Any] | None = None
     staging: str | None = None
     files: dict[str, bytes] | None = None
+    parts: list["Outcome"] | None = None  # a cell job: one attack outcome per victim, in the task's order
 
 
 def pin_threads(threads: int) -> None:
@@ -84,6 +88,8 @@ def run(task: Task) -> Outcome:
     start = time.perf_counter()
     if task.kind == "fit":
         return _fit(task, start)
+    if task.kind == "cell":
+        return _cell(task, start)
     return _attack(task, start)
 
 
@@ -112,7 +118,6 @@ def _fit(task: Task, start: float) -> Outcome:
 def _attack(task: Task, start: float) -> Outcome:
     from privbench import config as configlib
     from privbench import runner
-    from privbench.store import RESULT_FILE, Store, make_staging
     from privbench.threat import AttackError
 
     requested = configlib.RunConfig.from_dict(task.config)
@@ -120,12 +125,8 @@ def _attack(task: Task, start: float) -> Outcome:
     options = _options(task)
     result = runner.new_result(requested, resolved, options)
     result.info["suite"] = dict(task.suite)
-    shared = task.staging_root is not None
-    if shared:
-        staging, lock = make_staging(Path(task.staging_root), result.run_id)
-    else:
-        staging, lock = Path(tempfile.mkdtemp(prefix=f"privbench-{result.run_id}-")), None
-    try:
+    with _Staging(task, [result.run_id]) as (stagings,):
+        staging = stagings[0]
         try:
             runner.execute(resolved, options, result, staging, None)
         except Exception as exc:  # stored as the row's status; input errors too: the suite goes on
@@ -133,17 +134,77 @@ def _attack(task: Task, start: float) -> Outcome:
             result.error = f"{type(exc).__name__}: {exc}"
             result.traceback = traceback.format_exc()
         result.wall_time_s = time.perf_counter() - start
-        Store._keep(result, staging / RESULT_FILE)
-        outcome = Outcome("attack", task.name, result.status, result.wall_time_s, result.error, result.traceback,
-                          row=result.to_dict())
-        if shared:
-            outcome.staging = str(staging)
-        else:
-            outcome.files = {str(p.relative_to(staging)): p.read_bytes() for p in staging.rglob("*")
-                             if p.is_file() and p.name != RESULT_FILE}
-        return outcome
-    finally:
-        if lock is not None:
+        return _staged(task.name, result, staging, task.staging_root is not None)
+
+
+def _cell(task: Task, start: float) -> Outcome:
+    """Victims of one target in one batched job (``runner.compute_batch``, as ``bench run --seeds`` runs
+    them): one staged row per victim, handed back as the outcome's parts."""
+    from privbench import config as configlib
+    from privbench import runner
+
+    requested = [configlib.RunConfig.from_dict(c) for c in task.victims]
+    resolved = [configlib.resolve(c) for c in requested]
+    options = _options(task)
+    rows = [runner.new_result(r, s, options, task.fingerprint) for r, s in zip(requested, resolved, strict=True)]
+    for row in rows:
+        row.info["suite"] = dict(task.suite)
+    chunk = list(zip(task.cell["indices"], requested, resolved, strict=True))
+    with _Staging(task, [row.run_id for row in rows]) as (stagings,):
+        try:
+            runner.compute_batch(chunk, options, rows, stagings, None, task.cell["id"], task.cell["size"])
+        except Exception as exc:  # input errors: every victim's row fails with it, the suite goes on
+            for row in rows:
+                row.status, row.error, row.traceback = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
+                row.wall_time_s = (time.perf_counter() - start) / len(rows)
+        shared = task.staging_root is not None
+        parts = [_staged(f"{task.name} victim seed {config.seed}", row, staging, shared)
+                 for config, row, staging in zip(requested, rows, stagings, strict=True)]
+    status = "ok" if all(p.status == "ok" for p in parts) else \
+        ("failed" if any(p.status == "failed" for p in parts) else "unsupported")
+    return Outcome("cell", task.name, status, time.perf_counter() - start, parts=parts)
+
+
+def _staged(name: str, result: Any, staging: Path, shared: bool) -> Outcome:
+    """The outcome of one row: its ``result.json`` written into its staging folder; with a shared disk the
+    folder itself, else its artifact files, travel back to the coordinator."""
+    from privbench.store import RESULT_FILE, Store
+
+    Store._keep(result, staging / RESULT_FILE)
+    outcome = Outcome("attack", name, result.status, result.wall_time_s, result.error, result.traceback,
+                      row=result.to_dict())
+    if shared:
+        outcome.staging = str(staging)
+    else:
+        outcome.files = {str(p.relative_to(staging)): p.read_bytes() for p in staging.rglob("*")
+                         if p.is_file() and p.name != RESULT_FILE}
+    return outcome
+
+
+class _Staging:
+    """Staging folders for ``run_ids``: in the store's artifacts folder, locked while the job computes (shared
+    disk), or temporary folders removed when the job has handed its files back."""
+
+    def __init__(self, task: Task, run_ids: list[str]):
+        self.task, self.run_ids = task, run_ids
+        self.folders: list[Path] = []
+        self.locks: list[Any] = []
+
+    def __enter__(self) -> tuple[list[Path]]:
+        from privbench.store import make_staging
+
+        for run_id in self.run_ids:
+            if self.task.staging_root is not None:
+                folder, lock = make_staging(Path(self.task.staging_root), run_id)
+                self.locks.append(lock)
+            else:
+                folder = Path(tempfile.mkdtemp(prefix=f"privbench-{run_id}-"))
+            self.folders.append(folder)
+        return (self.folders,)
+
+    def __exit__(self, *exc: Any) -> None:
+        for lock in self.locks:
             lock.close()
-        if not shared:
-            shutil.rmtree(staging, ignore_errors=True)
+        if self.task.staging_root is None:
+            for folder in self.folders:
+                shutil.rmtree(folder, ignore_errors=True)

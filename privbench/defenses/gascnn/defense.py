@@ -258,6 +258,7 @@ class GASCNN(Defense):
     differentiable = True  # through the surrogate spike gradient and the straight-through encoder
     paper_claims = GASCNN_CLAIMS
     stochastic = True  # with encoding=poisson
+    batchable_gradients = False  # a spiking network (stochastic encoder, snntorch state)
     tiny_params = {"epochs": 1, "batch_size": 16, "synthesis_steps": 3, "synthetic_size": 40, "timesteps": 4,
                    "finetune_epochs": 1, "curve": "", "percentile": 99.9}
 
