@@ -62,6 +62,9 @@ class RunOptions:
     cache_dir: Path | None = None  # trained targets and preprocessed data; default <home>/cache
     # a cell's victims attacked together, at most this many per batched job; 0: one run after another
     batch_victims: int = 64
+    # how a batched job solves its victims: "auto" (vectorised where a calibration finds it faster) or
+    # "batched" (vectorised wherever possible; what benchmarks and equivalence tests force)
+    cell_engine: str = "auto"
 
 
 def lookup(config: RunConfig, store: Store, options: RunOptions, resolved: RunConfig | None = None,
@@ -250,6 +253,8 @@ def run_cell(configs: list[RunConfig], store: Store, options: RunOptions = RunOp
         raise configlib.ConfigError("a cell attacks one target: set target_seed (runner.cell_configs does)")
     if options.batch_victims < 0:
         raise configlib.ConfigError(f"batch_victims must be >= 0 (0: sequential), got {options.batch_victims}")
+    if options.cell_engine not in ("auto", "batched"):
+        raise configlib.ConfigError(f"cell_engine must be 'auto' or 'batched', got {options.cell_engine!r}")
     if options.batch_victims == 0:
         return [run(config, store, options, progress) for config in configs]
     store.recover()
@@ -379,7 +384,7 @@ def _execute_batch(cfgs: list[RunConfig], options: RunOptions, rows: list[RunRes
     stages.end(progress, "observation")
     t0 = time.perf_counter()
     outputs = attack_cls.run_cell([attacks[k] for k in observed], observations, first.budget,
-                                  stages.attack_progress(progress))
+                                  stages.attack_progress(progress), engine=options.cell_engine)
     attack_time = time.perf_counter() - t0
     stages.begin(progress, "scoring")
     for k, truth, output in zip(observed, truths, outputs, strict=True):

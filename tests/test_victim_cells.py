@@ -108,7 +108,7 @@ def test_batched_adam_cell_is_the_sequential_runs(bench_home):
     cls, attacks, observations, truths = _cell("invgrad", {"steps": 20, "restarts": 2})
     for budget in (Budget(), Budget(max_grad_evals=24)):  # the second: a schedule shortened to fit the budget
         sequential = [a.run(o, budget) for a, o in zip(attacks, observations, strict=True)]
-        batched = cls.run_cell(attacks, observations, budget)
+        batched = cls.run_cell(attacks, observations, budget, engine="batched")
         for s, b in zip(sequential, batched, strict=True):
             assert b.info["cell"]["batched"] and b.grad_evals == s.grad_evals
             assert (s.images - b.images).abs().max() <= 1e-5
@@ -119,7 +119,7 @@ def test_batched_adam_cell_is_the_sequential_runs(bench_home):
 def test_batched_lbfgs_cell_reproduces_the_sequential_psnrs(bench_home):
     cls, attacks, observations, truths = _cell("dlg", {"steps": 3, "restarts": 2})
     sequential = [a.run(o, Budget()) for a, o in zip(attacks, observations, strict=True)]
-    batched = cls.run_cell(attacks, observations, Budget())
+    batched = cls.run_cell(attacks, observations, Budget(), engine="batched")
     assert all(b.info["cell"]["batched"] and b.info["cell"]["problems"] == 2 * VICTIMS for b in batched)
     reseeded = [cls(a.params, seed=a.seed + 1).run(o, Budget()) for a, o in zip(attacks, observations, strict=True)]
     seq, bat, other = _psnrs(sequential, truths), _psnrs(batched, truths), _psnrs(reseeded, truths)
@@ -136,11 +136,11 @@ def test_batched_lbfgs_cell_reproduces_the_sequential_psnrs(bench_home):
 
 def test_one_diverging_victim_leaves_the_others_unchanged(bench_home):
     cls, attacks, observations, truths = _cell("dlg", {"steps": 2, "restarts": 2})
-    clean = cls.run_cell(attacks, observations, Budget())
+    clean = cls.run_cell(attacks, observations, Budget(), engine="batched")
     update = observations[3].gradient_update
     poisoned = dataclasses.replace(update, gradients=tuple(torch.full_like(g, float("nan")) for g in update.gradients))
     observations[3] = dataclasses.replace(observations[3], gradient_update=poisoned)
-    mixed = cls.run_cell(attacks, observations, Budget())
+    mixed = cls.run_cell(attacks, observations, Budget(), engine="batched")
     assert isinstance(mixed[3], RuntimeError) and "diverged" in str(mixed[3])
     for v in range(VICTIMS):
         if v != 3:
@@ -159,7 +159,7 @@ def test_runner_cell_stores_one_row_per_victim_with_the_cell_id(bench_home):
     config = RunConfig(attack="dlg", model="lenet", image_size=SIZE, attack_params={"steps": 2, "restarts": 1},
                        defense_params={"epochs": 1})
     configs = cell_configs(config, [0, 1, 2, 3])
-    rows = run_cell(configs, store, RunOptions())
+    rows = run_cell(configs, store, RunOptions(cell_engine="batched"))
     assert [r.status for r in rows] == ["ok"] * 4
     assert len({r.info["cell"]["id"] for r in rows}) == 1
     assert [r.info["cell"]["batch_size"] for r in rows] == [4] * 4
@@ -182,8 +182,8 @@ def test_runner_cell_fails_only_the_row_of_the_failing_victim(bench_home, monkey
 
     original = GradientInversion.run_cell.__func__
 
-    def one_fails(cls, attacks, observations, budget, progress=None):
-        outputs = original(cls, attacks, observations, budget, progress)
+    def one_fails(cls, attacks, observations, budget, progress=None, engine="auto"):
+        outputs = original(cls, attacks, observations, budget, progress, engine)
         outputs[1] = RuntimeError("injected failure of victim 1")
         return outputs
 
@@ -236,3 +236,49 @@ def test_a_batched_cell_uses_every_core_unless_threads_are_set(monkeypatch):
     assert batch_threads() == (os.cpu_count() or 1)
     monkeypatch.setenv(THREADS_ENV, "1")
     assert batch_threads() == 1  # $PRIVBENCH_THREADS (and --threads) win
+
+
+def test_a_dp_cell_draws_each_victims_noise_from_its_own_seed(bench_home):
+    """DP's noised update is per victim: a batched cell gives every victim the row its single run gives (same
+    noise, same reconstruction: Adam cells are the sequential runs), and no two victims share their noise."""
+    config = RunConfig(attack="invgrad", defense="dp", model="lenet", image_size=SIZE,
+                       attack_params={"steps": 6, "restarts": 1}, defense_params={"epochs": 1, "epsilon": 8.0})
+    configs = cell_configs(config, [0, 1, 2])
+    batched = run_cell(configs, Store(bench_home / "cell.sqlite"), RunOptions(cell_engine="batched"))
+    single = run_cell(configs, Store(bench_home / "single.sqlite"), RunOptions(batch_victims=0))
+    assert all(r.info["attack"]["cell"]["batched"] for r in batched) and all("cell" not in r.info for r in single)
+    for b, s in zip(batched, single, strict=True):
+        assert b.status == s.status == "ok"
+        assert b.metrics["psnr"] == pytest.approx(s.metrics["psnr"], abs=1e-4)
+        assert b.info["observation"] == s.info["observation"]
+    assert len({r.info["seeds"]["observe"] for r in batched}) == 3  # each victim's noise seed is its own
+
+
+@pytest.mark.parametrize("batched_ms, batches", [(0.1, True), (5.0, False)])
+def test_auto_engine_batches_only_where_its_calibration_finds_batching_faster(bench_home, monkeypatch,
+                                                                               batched_ms, batches):
+    from privbench.attacks import batched
+
+    monkeypatch.setattr(batched, "_calibrate", lambda *a: batched.Calibration(batched_ms * 1e-3, 1e-3))
+    cls, attacks, observations, truths = _cell("invgrad", {"steps": 8, "restarts": 1}, victims=3)
+    sequential = [a.run(o, Budget()) for a, o in zip(attacks, observations, strict=True)]
+    outputs = cls.run_cell(attacks, observations, Budget())  # engine="auto"
+    for s, o in zip(sequential, outputs, strict=True):
+        assert o.info["cell"]["batched"] is batches
+        if batches:
+            assert o.info["cell"]["calibration"] == {"batched_ms_per_problem_eval": pytest.approx(batched_ms),
+                                                     "sequential_ms_per_eval": pytest.approx(1.0)}
+        else:
+            assert "batching does not pay" in o.info["cell"]["reason"] and "5.00 ms" in o.info["cell"]["reason"]
+        assert (s.images - o.images).abs().max() <= 1e-5  # either way, the sequential run's reconstruction
+
+
+def test_calibration_spends_none_of_a_victims_budget(bench_home):
+    cls, attacks, observations, truths = _cell("invgrad", {"steps": 10, "restarts": 2}, victims=4)
+    budget = Budget(max_grad_evals=12)
+    sequential = [a.run(o, budget) for a, o in zip(attacks, observations, strict=True)]
+    outputs = cls.run_cell(attacks, observations, budget)  # real calibration: either engine, same answers
+    for s, o in zip(sequential, outputs, strict=True):
+        assert o.grad_evals == s.grad_evals <= 12
+        assert (s.images - o.images).abs().max() <= 1e-5
+        assert o.info["cell"].get("calibration") or "does not pay" in o.info["cell"]["reason"]

@@ -81,7 +81,7 @@ def time_sequential(cell: Cell, evals: int) -> tuple[float, int]:
 
 def time_batched(cell: Cell, evals: int) -> tuple[float, int]:
     start = time.perf_counter()
-    outputs = cell.attack_cls.run_cell(cell.attacks, cell.observations, Budget(max_grad_evals=evals))
+    outputs = cell.attack_cls.run_cell(cell.attacks, cell.observations, Budget(max_grad_evals=evals), engine="batched")
     seconds = time.perf_counter() - start
     for output in outputs:
         if isinstance(output, Exception):

@@ -97,11 +97,12 @@ class Attack(ABC):
 
     @classmethod
     def run_cell(cls, attacks: "list[Attack]", observations: list[Observation], budget: "Budget",
-                 progress: Progress | None = None) -> "list[AttackOutput | Exception]":
+                 progress: Progress | None = None, engine: str = "auto") -> "list[AttackOutput | Exception]":
         """Attack V victims of one target: ``attacks[v]`` (same parameters, each victim's own seed) on
         ``observations[v]``. Returns one output per victim, or the exception that victim's attack raised (one
         victim's failure never stops the others). This default runs them one after another; an attack
-        family that can batch victims (gradient inversion) overrides it."""
+        family that can batch victims (gradient inversion) overrides it (``engine``: ``auto`` lets it batch
+        where that measures faster, ``batched`` makes it batch wherever it can)."""
         outputs: list[AttackOutput | Exception] = []
         for i, (attack, observation) in enumerate(zip(attacks, observations, strict=True)):
             part = substage(progress, f"victim {i + 1}/{len(attacks)}", i, len(attacks))

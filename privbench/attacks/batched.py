@@ -15,6 +15,13 @@ Victims that cannot be batched run the sequential attack instead, and their outp
 (``info["cell"]["batched"]`` false with the reason): an encrypted or multi-step update, EOT over several
 encoder samples or a spiking network (whose encoder draws randomness vmap would share out differently),
 a model or update rule that differs from the rest of the cell, or an objective vmap cannot transform.
+
+Batching pays where an evaluation is dominated by per-operation overhead (LeNet: ~10x at 64 victims), not
+where it is arithmetic (a wide ConvNet's per-victim weight gradients cost more under vmap than one
+sequential evaluation). With ``engine="auto"`` each chunk is calibrated before it runs: one batched
+evaluation of all its problems against one sequential evaluation (the faster of two timings each); when
+the batched evaluation costs more per problem the chunk runs the sequential attack (the reason, with both
+timings, in ``info["cell"]``). Adam gives the same reconstruction either way; L-BFGS differs by rounding.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from privbench.attacks.base import AttackOutput, Progress
 from privbench.attacks.gradient_inversion import (
     Candidate,
     GradientInversion,
+    dummy_update,
     form_update,
     label_loss,
     lr_milestones,
@@ -104,10 +112,17 @@ def _signature(update: GradientUpdate) -> tuple:
             update.rule, update.model.training, update.morphed is None)
 
 
+ENGINES = ("auto", "batched")
+
+
 def run_cell(attacks: "list[GradientInversion]", observations: list[Observation], budget: Budget,
-             progress: Progress | None = None, max_batch: int | None = None) -> list[AttackOutput | Exception]:
+             progress: Progress | None = None, max_batch: int | None = None, engine: str = "auto"
+             ) -> list[AttackOutput | Exception]:
     """One output (or the exception raised) per victim, as ``attacks[v].run(observations[v], budget)``
-    would give it; batchable victims of one signature are solved together, ``max_batch`` at a time."""
+    would give it; batchable victims of one signature are solved together, ``max_batch`` at a time.
+    ``engine``: ``auto`` batches a chunk only where a calibration finds it faster, ``batched`` always."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     outputs: list[AttackOutput | Exception | None] = [None] * len(attacks)
     groups: dict[tuple, list[_Victim]] = {}
     for v, (attack, observation) in enumerate(zip(attacks, observations, strict=True)):
@@ -130,8 +145,8 @@ def run_cell(attacks: "list[GradientInversion]", observations: list[Observation]
         for start in range(0, len(members), size):
             chunk = members[start : start + size]
             try:
-                results = _solve(chunk, budget, progress)
-            except _NotVectorisable as exc:  # the objective cannot be vmapped: every victim of the chunk alone
+                results = _solve(chunk, budget, progress, calibrate=engine == "auto")
+            except _NotVectorisable as exc:  # not vmappable, or slower batched: every victim of the chunk alone
                 for victim in chunk:
                     outputs[victim.index] = _sequential(victim.attack, victim.observation, budget, str(exc))
                 continue
@@ -142,6 +157,53 @@ def run_cell(attacks: "list[GradientInversion]", observations: list[Observation]
 
 class _NotVectorisable(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Seconds per problem-evaluation: batched (one vmapped call over all P problems, / P) and sequential (one
+    evaluation of the first problem as the sequential attack makes it); each the faster of two timings."""
+
+    batched_s: float
+    sequential_s: float
+
+    @property
+    def batching_pays(self) -> bool:
+        return self.batched_s < self.sequential_s
+
+    def to_dict(self) -> dict[str, float]:
+        return {"batched_ms_per_problem_eval": 1e3 * self.batched_s,
+                "sequential_ms_per_eval": 1e3 * self.sequential_s}
+
+
+def _calibrate(objective: "_Objective", first: _Victim, z0: torch.Tensor, y0: torch.Tensor | None) -> Calibration:
+    """Time one batched evaluation of every problem against one sequential evaluation (``GradientInversion``'s
+    objective for one candidate: dummy update, distance, TV, gradient to the inputs)."""
+    batched = []
+    for _ in range(2):
+        start = time.perf_counter()
+        objective(None, z0, y0)
+        batched.append((time.perf_counter() - start) / len(z0))
+    attack, update = first.attack, first.update
+    params = [q for q in update.model.parameters() if q.requires_grad]
+    target = mean_scale(update)
+    sequential = []
+    for _ in range(2):
+        z = z0[:1].clone().requires_grad_(True)
+        leaves = [z]
+        labels = first.fixed_labels
+        if y0 is not None:
+            labels = y0[:1].clone().requires_grad_(True)
+            leaves.append(labels)
+        start = time.perf_counter()
+        pixels = first.scale.pixels(z)[0]
+        value = attack.gradient_distance(dummy_update(update.model, params, pixels, labels if y0 is None else
+                                                      labels[0], update.rule), target)
+        if objective.tv_weight:
+            value = value + objective.tv_weight * total_variation(pixels)
+        torch.autograd.grad(value, leaves)
+        sequential.append(time.perf_counter() - start)
+    return Calibration(min(batched), min(sequential))
 
 
 def _sequential(attack: "GradientInversion", observation: Observation, budget: Budget,
@@ -277,8 +339,11 @@ class _Best:
                 self.y[rows] = y[better]
 
 
-def _solve(victims: list[_Victim], budget: Budget, progress: Progress | None) -> list[AttackOutput | Exception]:
-    """The batched attack of victims sharing one signature: starts, optimisation, restart choice, outputs."""
+def _solve(victims: list[_Victim], budget: Budget, progress: Progress | None, calibrate: bool = False
+           ) -> list[AttackOutput | Exception]:
+    """The batched attack of victims sharing one signature: starts, optimisation, restart choice, outputs.
+    With ``calibrate``, raises ``_NotVectorisable`` when one batched evaluation costs more per problem than a
+    sequential one."""
     first = victims[0]
     p = first.attack.params
     restarts = p.restarts
@@ -302,6 +367,12 @@ def _solve(victims: list[_Victim], budget: Budget, progress: Progress | None) ->
     except Exception as exc:  # vmap cannot transform this objective (an override using unsupported ops)
         raise _NotVectorisable(f"the objective cannot be vectorised with torch.func ({type(exc).__name__}: "
                                f"{exc})") from exc
+    calibration = _calibrate(objective, first, z0, y0) if calibrate else None
+    if calibration is not None and not calibration.batching_pays:
+        raise _NotVectorisable(
+            f"batching does not pay for this model: one batched evaluation costs "
+            f"{1e3 * calibration.batched_s:.2f} ms per problem against {1e3 * calibration.sequential_s:.2f} ms "
+            f"sequentially (measured before the run; arithmetic, not per-operation overhead, dominates)")
     best = _Best(len(victim_of))
     steps = first.attack.schedule_steps(limit)  # Adam: the steps that fit the budget (lr drops inside it)
     if p.optimizer == "adam":
@@ -335,6 +406,7 @@ def _solve(victims: list[_Victim], budget: Budget, progress: Progress | None) ->
                 ", L-BFGS in lockstep (per-problem history and strong-Wolfe line search)"
                 if p.optimizer == "lbfgs" else ", Adam on the stacked leaves"),
             "shared_model": objective.shared, "batch_seconds": seconds,
+            "calibration": None if calibration is None else calibration.to_dict(),
             "restart_stops": stopped[i * restarts : (i + 1) * restarts],
         }
         outputs.append(output)

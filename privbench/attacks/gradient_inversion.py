@@ -278,12 +278,12 @@ class GradientInversion(Attack):
 
     @classmethod
     def run_cell(cls, attacks: list[Attack], observations: list[Observation], budget: Budget,
-                 progress: Progress | None = None) -> list[AttackOutput | Exception]:
+                 progress: Progress | None = None, engine: str = "auto") -> list[AttackOutput | Exception]:
         """V victims of one target as one batched problem (``privbench.attacks.batched``): each victim gets
-        what ``run`` gives it, up to rounding."""
+        what ``run`` gives it, up to rounding. ``engine="auto"`` batches only where it measures faster."""
         from privbench.attacks import batched
 
-        return batched.run_cell(attacks, observations, budget, progress)
+        return batched.run_cell(attacks, observations, budget, progress, engine=engine)
 
     def _output(self, observation: Observation, update: GradientUpdate, runs: list[Candidate], rule: str,
                 fixed_labels: torch.Tensor | None, label_note: str, scale: Parametrisation,
