@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,7 +36,7 @@ def suite(
     """Run every job of a suite's grid that is not stored yet, targets first, and store one row per job.
 
     Exit codes: 0 every job stored ok or unsupported, 1 some job failed (stored as failed; rerun to retry),
-    2 bad input (nothing run), 130 interrupted (Ctrl-C once lets running jobs finish and stores them;
+    2 bad input (nothing run), 130 interrupted (Ctrl-C or SIGTERM once lets running jobs finish and stores them;
     twice stops them). Rerunning after any interruption or kill runs only what is missing."""
     from privbench.store import Store
     from privbench.suite import coordinator
@@ -56,6 +57,9 @@ def suite(
     except (*_input_errors(), speclib.SpecError, BackendError) as exc:
         _fail_input(exc)
     display = _Display(spec.name, live=err_console.is_terminal and not as_json)
+    # SIGTERM (kill, a scheduler's stop, a shell's background job) stops the suite as Ctrl-C does: a suite
+    # started with `&` from a non-interactive shell ignores SIGINT, so this is how it is stopped gracefully
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with display:
             summary = coordinator.run(spec, store, backend, data_root=root, cache_dir=cache_dir, listener=display,
@@ -63,11 +67,17 @@ def suite(
     except (*_input_errors(), speclib.SpecError, BackendError) as exc:
         backend.close(cancel=True)
         _fail_input(exc)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if as_json:
         typer.echo(_json(summary.to_dict()))
     else:
         _print_summary(summary)
     raise typer.Exit(130 if summary.interrupted else 1 if summary.failed or summary.fits_failed else 0)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _dry_run(spec: Any, store: Any, root: str | None, cache_dir: Path | None, as_json: bool, batch_victims: int,

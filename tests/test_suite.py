@@ -345,6 +345,25 @@ def test_ctrl_c_lets_running_jobs_finish_and_keeps_the_store_consistent(tmp_path
     assert again.returncode == 0 and len(_rows(home)) == GRID
 
 
+@pytest.mark.slow
+def test_sigterm_stops_a_background_suite_as_ctrl_c_does(tmp_path):
+    home = tmp_path / "home"
+    spec = _spec(tmp_path, evals=300)
+    # started as a shell's background job is: SIGINT ignored, so only SIGTERM can stop it gracefully
+    process = subprocess.Popen([*BENCH, "suite", str(spec), "--jobs", "2", "--batch-victims", "0"], env=_env(home),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    _wait_for_rows(home, process, 3)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 130, err
+    stored = _rows(home)
+    assert 3 <= len(stored) < GRID and all(r["status"] == "ok" for r in stored)
+    assert not [p for p in (home / "artifacts").iterdir() if p.name.startswith((".staging-", ".new-"))]
+    again = _bench("suite", str(spec), "--jobs", "2", home=home)
+    assert again.returncode == 0 and len(_rows(home)) == GRID
+
+
 def test_rules_about_models_see_the_defense_default_architecture(tmp_path):
     text = TINY.replace('models = ["lenet"]\nparams = {{ epochs = 1 }}\n\n[[defenses]]\nname = "dp"\nmodels = ["lenet"]',
                         'models = ["lenet"]\nparams = {{ epochs = 1 }}\n\n[[defenses]]\nname = "dp"')
