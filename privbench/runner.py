@@ -67,6 +67,11 @@ class RunOptions:
     cell_engine: str = "auto"
 
 
+def data_fingerprint(config: RunConfig, options: RunOptions) -> str:
+    """The fingerprint of ``config``'s dataset at its image size (what the row and cache keys include)."""
+    return datasetlib.fingerprint(config.dataset, options.data_root, config.image_size, options.allow_download)
+
+
 def lookup(config: RunConfig, store: Store, options: RunOptions, resolved: RunConfig | None = None,
            fingerprint: str | None = None) -> RunResult | None:
     """A stored ok result for ``config`` as requested (found without importing torch), or as ``resolved``.
@@ -74,8 +79,7 @@ def lookup(config: RunConfig, store: Store, options: RunOptions, resolved: RunCo
     for reg, name in registry.named_by(config):  # a name two origins declare is refused, stored row or not
         reg.check_clash(name)
     if fingerprint is None:
-        fingerprint = datasetlib.fingerprint(config.dataset, options.data_root, config.image_size,
-                                             options.allow_download)
+        fingerprint = data_fingerprint(config, options)
     hit = store.find_ok(request_key=config.cache_key(fingerprint))
     if hit is None and resolved is not None:
         hit = store.find_ok(cache_key=resolved.cache_key(fingerprint))
@@ -120,8 +124,7 @@ def new_result(config: RunConfig, resolved: RunConfig, options: RunOptions, fing
     """An empty ``ok`` row for ``resolved``, with its keys, seeds, versions and provenance (``fingerprint``: the
     data's, if the caller has it)."""
     if fingerprint is None:
-        fingerprint = datasetlib.fingerprint(config.dataset, options.data_root, config.image_size,
-                                             options.allow_download)
+        fingerprint = data_fingerprint(config, options)
     now = dt.datetime.now(dt.timezone.utc)
     result = RunResult(
         run_id=now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8], created_at=now.isoformat(), status="ok",
@@ -154,23 +157,14 @@ def prepare(cfg: RunConfig, options: RunOptions, staging: Path, data_fingerprint
     from privbench.run_setup import cache_dir, setup
 
     run_setup = setup(cfg, options, data_fingerprint, progress)
-    data, parts, defense, ctx, info = run_setup.data, run_setup.parts, run_setup.defense, run_setup.ctx, run_setup.info
+    parts, defense, ctx, info = run_setup.parts, run_setup.defense, run_setup.ctx, run_setup.info
     attack_cls = registry.attacks.get(cfg.attack)
     attack = attack_cls(attack_cls.Params(**dict(cfg.attack_params)), seed=ctx.seeds["attack"])
-    attack.check_setting(AttackSetting(len(parts.members), len(parts.nonmembers), len(parts.auxiliary),
-                                       cfg.victim_batch, data.num_classes, data.image_shape))
+    attack.check_setting(_setting(cfg, run_setup))
     scorer = registry.metrics.get(attack.family)()
     fitted = targets.fit_with_twin(defense, ctx.build_model, parts.members, ctx, cache_dir(options) / "targets",
                                    staging)
-    info["target"] = fitted.info
-    info["components"] = {  # what leaderboards flag by (adaptive, unreliable, claim), kept with the row
-        "attack_adaptive_for": list(getattr(attack_cls, "adaptive_for", ())),
-        "attack_surface": attack.surface.value,
-        "defense_differentiable": bool(getattr(type(defense), "differentiable", True)),
-        "defense_paper_claims": [c.to_dict() for c in getattr(type(defense), "paper_claims", ())],
-    }
-    if fitted.twin is not None:
-        info["twin"] = fitted.twin_info
+    _note_components(info, attack, defense, fitted)
     stages.begin(progress, "observation")
     observation, truth = observe.for_attack(attack, defense, fitted.target, parts, ctx)
     if isinstance(truth, Victim):
@@ -180,6 +174,34 @@ def prepare(cfg: RunConfig, options: RunOptions, staging: Path, data_fingerprint
     info["observation"] = {"surface": observation.surface.value, **observation.notes}
     stages.end(progress, "observation")
     return Prepared(attack, scorer, fitted, observation, truth, parts.auxiliary, info)
+
+
+def _setting(cfg: RunConfig, run_setup: Any) -> AttackSetting:
+    """What the attack's ``check_setting`` is shown: split sizes, victim batch, classes, image shape."""
+    parts, data = run_setup.parts, run_setup.data
+    return AttackSetting(len(parts.members), len(parts.nonmembers), len(parts.auxiliary), cfg.victim_batch,
+                         data.num_classes, data.image_shape)
+
+
+def _note_components(info: dict[str, Any], attack: "Attack", defense: Any, fitted: Any) -> None:
+    """The row's notes on its target (and twin) and on its components."""
+    info["target"] = fitted.info
+    info["components"] = {  # what leaderboards flag by (adaptive, unreliable, claim), kept with the row
+        "attack_adaptive_for": list(getattr(type(attack), "adaptive_for", ())),
+        "attack_surface": attack.surface.value,
+        "defense_differentiable": bool(getattr(type(defense), "differentiable", True)),
+        "defense_paper_claims": [c.to_dict() for c in getattr(type(defense), "paper_claims", ())],
+    }
+    if fitted.twin is not None:
+        info["twin"] = fitted.twin_info
+
+
+def _record_scores(result: RunResult, scores: Any) -> None:
+    """A family scorer's metrics and notes into the row (and which metrics could not be computed, why)."""
+    result.metrics.update(scores.metrics)
+    result.info.update(scores.info)
+    if scores.unavailable:
+        result.info.setdefault("unavailable_metrics", {}).update(scores.unavailable)
 
 
 def execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Path, progress: ProgressFn | None
@@ -206,11 +228,7 @@ def execute(cfg: RunConfig, options: RunOptions, result: RunResult, staging: Pat
 
     context = ScoreContext(prepared.auxiliary, result.costs, staging, attack.surface, options.allow_download,
                            cache_dir=cache_dir(options))
-    scores = prepared.scorer.score(output, prepared.truth, context)
-    result.metrics.update(scores.metrics)
-    result.info.update(scores.info)
-    if scores.unavailable:
-        result.info.setdefault("unavailable_metrics", {}).update(scores.unavailable)
+    _record_scores(result, prepared.scorer.score(output, prepared.truth, context))
 
 
 # -- cells: many victims of one target ------------------------------------------------------------------------
@@ -260,8 +278,7 @@ def run_cell(configs: list[RunConfig], store: Store, options: RunOptions = RunOp
     store.recover()
     results: list[RunResult | None] = [None] * len(configs)
     resolved_base = configlib.resolve(configs[0])
-    first = configs[0]  # one dataset for the whole cell: its fingerprint once
-    fingerprint = datasetlib.fingerprint(first.dataset, options.data_root, first.image_size, options.allow_download)
+    fingerprint = data_fingerprint(configs[0], options)  # one dataset for the whole cell: its fingerprint once
     todo = []
     for i, config in enumerate(configs):
         resolved = dataclasses.replace(resolved_base, seed=config.seed)
@@ -344,8 +361,7 @@ def _execute_batch(cfgs: list[RunConfig], options: RunOptions, rows: list[RunRes
     attack_cls = registry.attacks.get(first.attack)
     attacks = [attack_cls(attack_cls.Params(**dict(cfg.attack_params)), seed=cfg.derived_seeds()["attack"])
                for cfg in cfgs]
-    attacks[0].check_setting(AttackSetting(len(parts.members), len(parts.nonmembers), len(parts.auxiliary),
-                                           first.victim_batch, run_setup.data.num_classes, run_setup.data.image_shape))
+    attacks[0].check_setting(_setting(first, run_setup))
     scorer = registry.metrics.get(attacks[0].family)()
     fitted = targets.fit_with_twin(defense, ctx.build_model, parts.members, ctx, cache_dir(options) / "targets",
                                    stagings[0])
@@ -353,15 +369,7 @@ def _execute_batch(cfgs: list[RunConfig], options: RunOptions, rows: list[RunRes
         for path in stagings[0].iterdir():
             if path.is_file():
                 shutil.copyfile(path, staging / path.name)
-    shared_info["target"] = fitted.info
-    shared_info["components"] = {
-        "attack_adaptive_for": list(getattr(attack_cls, "adaptive_for", ())),
-        "attack_surface": attacks[0].surface.value,
-        "defense_differentiable": bool(getattr(type(defense), "differentiable", True)),
-        "defense_paper_claims": [c.to_dict() for c in getattr(type(defense), "paper_claims", ())],
-    }
-    if fitted.twin is not None:
-        shared_info["twin"] = fitted.twin_info
+    _note_components(shared_info, attacks[0], defense, fitted)
     failures: dict[int, Exception] = {}
     observed, observations, truths = [], [], []
     stages.begin(progress, "observation")
@@ -399,11 +407,7 @@ def _execute_batch(cfgs: list[RunConfig], options: RunOptions, rows: list[RunRes
             row.info.update(attack=output.info, family=attacks[k].family)
             context = ScoreContext(run_setup.parts.auxiliary, row.costs, stagings[k], attacks[k].surface,
                                    options.allow_download, cache_dir=cache_dir(options))
-            scores = scorer.score(output, truth, context)
-            row.metrics.update(scores.metrics)
-            row.info.update(scores.info)
-            if scores.unavailable:
-                row.info.setdefault("unavailable_metrics", {}).update(scores.unavailable)
+            _record_scores(row, scorer.score(output, truth, context))
         except Exception as exc:  # noqa: BLE001 - this victim's row only
             failures[k] = exc
     stages.end(progress, "scoring")

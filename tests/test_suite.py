@@ -374,30 +374,13 @@ def test_rules_about_models_see_the_defense_default_architecture(tmp_path):
 
 # -- cells: the victims of one target in one batched job ----------------------------------------------------
 
-CELLS = """
-[suite]
-name = "cells"
-seeds = "0-5"
-
-[run]
-dataset = "synthetic-mri"
-image_size = 16
-target_seed = 0
-split = {{ members = 64, nonmembers = 64, auxiliary = 64 }}
-[run.budget]
-max_grad_evals = {evals}
-
-[[defenses]]
-name = "none"
+CELLS = TINY.replace('name = "tiny"', 'name = "cells"').replace('"0-3"', '"0-5"').replace("""[[defenses]]
+name = "dp"
 models = ["lenet"]
 params = {{ epochs = 1 }}
+grid = {{ epsilon = [8.0, inf] }}
 
-[[attacks]]
-name = "dlg"
-
-[[attacks]]
-name = "loss-threshold"
-"""
+""", "")  # none x {dlg, loss-threshold} x seeds 0-5
 
 
 def test_a_cells_victims_run_as_one_job_with_the_rows_of_bench_run_seeds(tmp_path, bench_home):

@@ -39,7 +39,6 @@ from privbench.attacks.base import AttackOutput, Progress
 from privbench.attacks.gradient_inversion import (
     Candidate,
     GradientInversion,
-    dummy_update,
     form_update,
     label_loss,
     lr_milestones,
@@ -177,31 +176,24 @@ class Calibration:
 
 
 def _calibrate(objective: "_Objective", first: _Victim, z0: torch.Tensor, y0: torch.Tensor | None) -> Calibration:
-    """Time one batched evaluation of every problem against one sequential evaluation (``GradientInversion``'s
-    objective for one candidate: dummy update, distance, TV, gradient to the inputs)."""
+    """Time one batched evaluation of every problem against one sequential evaluation of the first problem
+    (``GradientInversion.candidate_objective`` and its gradient to the inputs, as the sequential attack)."""
     batched = []
     for _ in range(2):
         start = time.perf_counter()
         objective(None, z0, y0)
         batched.append((time.perf_counter() - start) / len(z0))
-    attack, update = first.attack, first.update
+    update = first.update
     params = [q for q in update.model.parameters() if q.requires_grad]
     target = mean_scale(update)
     sequential = []
     for _ in range(2):
-        z = z0[:1].clone().requires_grad_(True)
-        leaves = [z]
-        labels = first.fixed_labels
-        if y0 is not None:
-            labels = y0[:1].clone().requires_grad_(True)
-            leaves.append(labels)
+        z = z0[0].clone().requires_grad_(True)
+        y = None if y0 is None else y0[0].clone().requires_grad_(True)
         start = time.perf_counter()
-        pixels = first.scale.pixels(z)[0]
-        value = attack.gradient_distance(dummy_update(update.model, params, pixels, labels if y0 is None else
-                                                      labels[0], update.rule), target)
-        if objective.tv_weight:
-            value = value + objective.tv_weight * total_variation(pixels)
-        torch.autograd.grad(value, leaves)
+        value = first.attack.candidate_objective(update, params, target, first.scale.pixels(z),
+                                                 first.fixed_labels if y is None else y)
+        torch.autograd.grad(value, [z] if y is None else [z, y])
         sequential.append(time.perf_counter() - start)
     return Calibration(min(batched), min(sequential))
 

@@ -441,6 +441,23 @@ class GradientInversion(Attack):
             y = torch.randn((self.groups, update.batch_size, update.num_classes), generator=generator)
         return z, y
 
+    def candidate_objective(self, update: GradientUpdate, params: list[torch.Tensor], target: tuple[torch.Tensor, ...],
+                            pixels: torch.Tensor, labels_or_logits: torch.Tensor) -> torch.Tensor:
+        """One candidate's objective at ``pixels`` [B, ...]: the gradient distance of its dummy update to
+        ``target`` (averaged over ``eot_samples`` forward passes), plus the TV prior and the subclass's priors
+        where the input is an image."""
+        p = self.params
+        image_input = update.morphed is None
+        value = 0.0
+        for _ in range(p.eot_samples):
+            dummy = dummy_update(update.model, params, pixels, labels_or_logits, update.rule)
+            value = value + self.gradient_distance(dummy, target) / p.eot_samples
+        if image_input and p.tv_weight:
+            value = value + p.tv_weight * total_variation(pixels)
+        if image_input:
+            value = value + self.prior(pixels)
+        return value
+
     def _invert(self, update: GradientUpdate, fixed_labels: torch.Tensor | None, generator: torch.Generator,
                 max_evals: int | None, progress: Progress | None, scale: Parametrisation) -> Candidate:
         """One run: ``groups`` candidates optimised jointly; returns the best candidate at the best iterate."""
@@ -450,7 +467,7 @@ class GradientInversion(Attack):
         params = [q for q in model.parameters() if q.requires_grad]
         target = mean_scale(update)
         image_input = update.morphed is None  # image priors (box, TV) only where the input is an image
-        boxed, tv_weight = p.boxed and image_input, p.tv_weight if image_input else 0.0
+        boxed = p.boxed and image_input
         z, y = self._draw_start(update, fixed_labels, generator, scale)
         z.requires_grad_(True)
         leaves = [z]
@@ -468,17 +485,8 @@ class GradientInversion(Attack):
                 raise _BudgetExhausted
             evals += groups * p.eot_samples  # each candidate's dummy update is one gradient evaluation per sample
             pixels = scale.pixels(z)
-            per_group = []
-            for g in range(groups):
-                value = 0.0
-                for _ in range(p.eot_samples):
-                    dummy = dummy_update(model, params, pixels[g], fixed_labels if y is None else y[g], update.rule)
-                    value = value + self.gradient_distance(dummy, target) / p.eot_samples
-                if tv_weight:
-                    value = value + tv_weight * total_variation(pixels[g])
-                if image_input:
-                    value = value + self.prior(pixels[g])
-                per_group.append(value)
+            per_group = [self.candidate_objective(update, params, target, pixels[g],
+                                                  fixed_labels if y is None else y[g]) for g in range(groups)]
             total = sum(per_group) + (self.group_term(pixels) if groups > 1 and image_input else 0.0)
             grads = torch.autograd.grad(total, leaves)
             for leaf, grad in zip(leaves, grads, strict=True):

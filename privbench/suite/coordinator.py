@@ -165,9 +165,7 @@ MAX_ATTEMPTS = 2  # a job whose worker dies twice (a crash it causes itself) is 
 
 def _rows(job: Any) -> int:
     """The rows a job would store: none for a fit, one for an attack job, one per victim for a cell job."""
-    if isinstance(job, planlib.CellJob):
-        return len(job.jobs)
-    return 1 if isinstance(job, planlib.AttackJob) else 0
+    return 0 if isinstance(job, planlib.FitJob) else len(_attack_jobs(job))
 
 
 def _outcome(future: Any, task: Task, backend: Any) -> Outcome:
@@ -219,6 +217,7 @@ def _handle(outcome: Outcome, item: tuple[Task, Any], store: Store, summary: Sum
 
 
 def _attack_jobs(job: Any) -> list[planlib.AttackJob]:
+    """The rows of an attack or cell job, as attack jobs."""
     return list(job.jobs) if isinstance(job, planlib.CellJob) else [job]
 
 

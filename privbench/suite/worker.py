@@ -10,6 +10,7 @@ see the store's disk, the row and its artifact files travel back to the coordina
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                     "PRIVBENCH_THREADS")
@@ -125,8 +126,7 @@ def _attack(task: Task, start: float) -> Outcome:
     options = _options(task)
     result = runner.new_result(requested, resolved, options)
     result.info["suite"] = dict(task.suite)
-    with _Staging(task, [result.run_id]) as (stagings,):
-        staging = stagings[0]
+    with _stagings(task, [result.run_id]) as (staging,):
         try:
             runner.execute(resolved, options, result, staging, None)
         except Exception as exc:  # stored as the row's status; input errors too: the suite goes on
@@ -150,7 +150,7 @@ def _cell(task: Task, start: float) -> Outcome:
     for row in rows:
         row.info["suite"] = dict(task.suite)
     chunk = list(zip(task.cell["indices"], requested, resolved, strict=True))
-    with _Staging(task, [row.run_id for row in rows]) as (stagings,):
+    with _stagings(task, [row.run_id for row in rows]) as stagings:
         try:
             runner.compute_batch(chunk, options, rows, stagings, None, task.cell["id"], task.cell["size"])
         except Exception as exc:  # input errors: every victim's row fails with it, the suite goes on
@@ -181,30 +181,26 @@ def _staged(name: str, result: Any, staging: Path, shared: bool) -> Outcome:
     return outcome
 
 
-class _Staging:
+@contextlib.contextmanager
+def _stagings(task: Task, run_ids: list[str]) -> Iterator[list[Path]]:
     """Staging folders for ``run_ids``: in the store's artifacts folder, locked while the job computes (shared
     disk), or temporary folders removed when the job has handed its files back."""
+    from privbench.store import make_staging
 
-    def __init__(self, task: Task, run_ids: list[str]):
-        self.task, self.run_ids = task, run_ids
-        self.folders: list[Path] = []
-        self.locks: list[Any] = []
-
-    def __enter__(self) -> tuple[list[Path]]:
-        from privbench.store import make_staging
-
-        for run_id in self.run_ids:
-            if self.task.staging_root is not None:
-                folder, lock = make_staging(Path(self.task.staging_root), run_id)
-                self.locks.append(lock)
+    folders: list[Path] = []
+    locks: list[Any] = []
+    try:
+        for run_id in run_ids:
+            if task.staging_root is not None:
+                folder, lock = make_staging(Path(task.staging_root), run_id)
+                locks.append(lock)
             else:
                 folder = Path(tempfile.mkdtemp(prefix=f"privbench-{run_id}-"))
-            self.folders.append(folder)
-        return (self.folders,)
-
-    def __exit__(self, *exc: Any) -> None:
-        for lock in self.locks:
+            folders.append(folder)
+        yield folders
+    finally:
+        for lock in locks:
             lock.close()
-        if self.task.staging_root is None:
-            for folder in self.folders:
+        if task.staging_root is None:
+            for folder in folders:
                 shutil.rmtree(folder, ignore_errors=True)
